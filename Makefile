@@ -1,0 +1,39 @@
+# Quarry — every target creates the virtualenv it needs on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint unit bench chaos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: a real extraction on the embedded default (SQLite store, SQLite broker, one worker)
+demo: $(STAMP)
+	$(BIN)/quarry demo
+
+## lint: ruff (lint + format check) and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check worker scheduler tests bench
+	$(BIN)/ruff format --check worker scheduler tests bench
+	$(BIN)/mypy
+
+## test: lint, then every test tier; pytest's "no tests ran" (exit 5) fails the target
+test: lint
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+## unit: the fast tier only
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit tests/store -q
+
+## bench: throughput and latency against raw baselines measured in the same run
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .quarry .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""The Celery app. Configuration is lazy: nothing reads settings or connects at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker import broker as _broker  # noqa: F401 - registers the embedded transport
+from worker.settings import Settings, get_settings
+
+#: Name of the task that executes a run.
+EXECUTE_RUN = "quarry.execute_run"
+
+#: Redis redelivers an unacked message after this long. The lease, not the broker,
+#: decides who runs, so a redelivery while the run is alive is a harmless no-op.
+REDIS_VISIBILITY_TIMEOUT = 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings as the runtime needs them (documented in the README)."""
+    broker = settings.celery_broker_url
+    transport: dict[str, Any] = {}
+    if broker.startswith(("redis://", "rediss://", "unix://")):
+        transport = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT}
+    elif broker.startswith("quarry-sqla+"):
+        transport = {"polling_interval": 0.2}
+    return {
+        "broker_url": broker,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Ack after the run returns, and give the message back if the child dies:
+        # the lease makes every extra delivery a no-op.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One run per child at a time, and no run parked behind a long one.
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_routes": {EXECUTE_RUN: {"queue": settings.queue}},
+        # Our structlog pipeline owns stdout; Celery must not wrap it.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+app = Celery("quarry", include=["worker.tasks"])
+app.add_defaults(lambda: celery_config(get_settings()))

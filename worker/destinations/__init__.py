@@ -1,0 +1,22 @@
+"""Destinations: where a pipeline's rows go, by ``destination.type``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from worker.destinations.base import Destination, SliceKey, SliceStats, StagedSlice
+from worker.destinations.files import FilesDestination
+from worker.errors import ConfigError
+
+
+def build_destination(kind: str, options: Mapping[str, Any], files_root: Path) -> Destination:
+    """A destination of type ``kind``; raises :class:`ConfigError` for an unknown type."""
+    if kind == "files":
+        return FilesDestination.from_options(options, files_root)
+    msg = f"destination.type: unknown destination {kind!r} (known: files)"
+    raise ConfigError(msg)
+
+
+__all__ = ["Destination", "SliceKey", "SliceStats", "StagedSlice", "build_destination"]

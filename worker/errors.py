@@ -1,0 +1,47 @@
+"""Quarry's exception hierarchy: one base, one class per way a run can go wrong."""
+
+from __future__ import annotations
+
+
+class QuarryError(Exception):
+    """Base of every error Quarry raises on purpose."""
+
+
+class ConfigError(QuarryError):
+    """Settings or a pipelines file are invalid; the message names the file and field."""
+
+
+class UnknownPipeline(ConfigError):
+    """A run names a pipeline the pipelines file does not declare."""
+
+
+class RunNotFound(QuarryError):
+    """No run has the given id."""
+
+
+class IllegalTransition(QuarryError):
+    """The run state machine refuses the requested status change."""
+
+
+class LeaseConflict(QuarryError):
+    """Another holder owns a live lease on the run."""
+
+
+class LeaseLost(QuarryError):
+    """A fenced write found a newer lease epoch: the holder must stop and write nothing more."""
+
+
+class SourceError(QuarryError):
+    """A source could not produce the rows of a slice."""
+
+
+class DestinationError(QuarryError):
+    """A destination could not write a slice."""
+
+
+class StopRequested(QuarryError):  # noqa: N818 - a control-flow signal, not a failure
+    """The runner reached a safe point after SIGTERM or cancellation."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

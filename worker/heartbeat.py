@@ -1,0 +1,139 @@
+"""The heartbeat: a supervised thread that renews the lease and stores telemetry.
+
+It renews every ``lease_renew_seconds``; a renew that finds a newer epoch
+marks the lease lost and the runner stops at its next safe point, writing
+nothing more. A renew that fails for another reason (the database is briefly
+away) is retried quickly; once the last good renew is older than the TTL the
+lease must be presumed lost too, since the watchdog may already have taken it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from worker.errors import LeaseLost
+from worker.models import Event, Lease
+from worker.settings import Settings
+from worker.store import Store
+from worker.telemetry import Telemetry
+
+#: Wait between renew retries after a failed renew.
+RETRY_SECONDS = 1.0
+
+
+def _fmt_int(value: Any) -> str:
+    return f"{int(value or 0):,}"
+
+
+class Heartbeat:
+    """Keeps one lease alive while the runner works."""
+
+    def __init__(
+        self,
+        store: Store,
+        lease: Lease,
+        settings: Settings,
+        telemetry: Telemetry,
+        log: Any,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.settings = settings
+        self.telemetry = telemetry
+        self.log = log
+        self.lost = threading.Event()
+        self.cancel_requested = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="quarry-heartbeat", daemon=True)
+        self._last_ok = time.monotonic()
+        self.renewals = 0
+
+    def start(self) -> None:
+        """Start renewing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (the lease is then released or left to expire)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the lease is held and the heartbeat thread is alive to keep it."""
+        return not self.lost.is_set() and (self._thread.is_alive() or self._stop.is_set())
+
+    def _run(self) -> None:
+        next_renew = time.monotonic() + self.settings.lease_renew_seconds
+        next_sample = time.monotonic()
+        next_log = time.monotonic() + self.settings.heartbeat_log_seconds
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_sample:
+                    self._sample()
+                    next_sample = now + self.settings.telemetry_sample_seconds
+                if now >= next_renew:
+                    ok = self._renew()
+                    next_renew = now + (self.settings.lease_renew_seconds if ok else RETRY_SECONDS)
+                    if self.lost.is_set():
+                        return
+                if now >= next_log:
+                    self._log_heartbeat()
+                    next_log = now + self.settings.heartbeat_log_seconds
+                wait = min(next_renew, next_sample, next_log) - time.monotonic()
+                self._stop.wait(max(wait, 0.05))
+        except Exception:
+            # A heartbeat that cannot go on cannot vouch for the lease.
+            logging.getLogger("quarry.heartbeat").exception("heartbeat crashed")
+            self.lost.set()
+
+    def _renew(self) -> bool:
+        try:
+            cancel = self.store.renew(
+                self.lease, self.settings.lease_ttl_seconds, self.telemetry.snapshot()
+            )
+        except LeaseLost:
+            self.lost.set()
+            return False
+        except Exception:  # noqa: BLE001 - a database blip: retry until the TTL runs out
+            logging.getLogger("quarry.heartbeat").warning("lease renew failed", exc_info=True)
+            if time.monotonic() - self._last_ok >= self.settings.lease_ttl_seconds:
+                self.lost.set()
+            return False
+        self._last_ok = time.monotonic()
+        self.renewals += 1
+        if cancel:
+            self.cancel_requested.set()
+        return True
+
+    def _sample(self) -> None:
+        snapshot = self.telemetry.snapshot()
+        values = {
+            k: snapshot[k]
+            for k in ("rows_loaded", "bytes_loaded", "files_written", "progress")
+            if k in snapshot
+        }
+        try:
+            self.store.append_sample(
+                self.lease.run_id, values, cap=self.settings.telemetry_max_samples
+            )
+        except Exception:  # noqa: BLE001 - a lost sample is not worth stopping a run
+            logging.getLogger("quarry.heartbeat").warning("telemetry sample failed", exc_info=True)
+
+    def _log_heartbeat(self) -> None:
+        snapshot = self.telemetry.snapshot()
+        self.log.info(
+            Event.HEARTBEAT,
+            message=(
+                f"Heartbeat: {_fmt_int(snapshot.get('rows_loaded'))} rows, "
+                f"{snapshot.get('progress', 0):.0f}% done"
+            ),
+            rows_loaded=snapshot.get("rows_loaded"),
+            progress=snapshot.get("progress"),
+            current_resource=snapshot.get("current_resource"),
+            renewals=self.renewals,
+        )

@@ -1,0 +1,85 @@
+"""Pure decisions and wording for a run's progress: resume points and human messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_count(value: int) -> str:
+    """``12500`` → ``12,500``."""
+    return f"{value:,}"
+
+
+def format_duration(seconds: float) -> str:
+    """``15300`` → ``4h 15m``; ``125`` → ``2m 5s``; ``3.25`` → ``3.2s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s"
+
+
+def resource_state(checkpoint: dict[str, Any], resource: str) -> dict[str, Any]:
+    """The checkpointed state of ``resource`` (empty when it has not started)."""
+    state = checkpoint.get("resources", {}).get(resource, {})
+    return dict(state) if isinstance(state, dict) else {}
+
+
+def is_resource_done(checkpoint: dict[str, Any], resource: str) -> bool:
+    """Whether the checkpoint says ``resource`` completed."""
+    return resource_state(checkpoint, resource).get("status") == "completed"
+
+
+def next_slice(checkpoint: dict[str, Any], resource: str) -> int:
+    """The 1-based slice to start ``resource`` at: one past the last committed slice."""
+    return int(resource_state(checkpoint, resource).get("next_slice", 1))
+
+
+def record_slice(
+    checkpoint: dict[str, Any],
+    resource: str,
+    *,
+    index: int,
+    rows: int,
+    files: int,
+    bytes_: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """A new checkpoint with slice ``index`` of ``resource`` committed."""
+    state = resource_state(checkpoint, resource)
+    state.update(
+        status="in_progress",
+        next_slice=index + 1,
+        rows=int(state.get("rows", 0)) + rows,
+        files=int(state.get("files", 0)) + files,
+        bytes=int(state.get("bytes", 0)) + bytes_,
+        duration_seconds=round(float(state.get("duration_seconds", 0.0)) + seconds, 3),
+    )
+    return _with_resource(checkpoint, resource, state, position={"resource": resource, "slice": index})
+
+
+def record_resource_done(checkpoint: dict[str, Any], resource: str) -> dict[str, Any]:
+    """A new checkpoint with ``resource`` completed."""
+    state = resource_state(checkpoint, resource)
+    state["status"] = "completed"
+    return _with_resource(checkpoint, resource, state, position={"resource": resource, "slice": None})
+
+
+def _with_resource(
+    checkpoint: dict[str, Any], resource: str, state: dict[str, Any], position: dict[str, Any]
+) -> dict[str, Any]:
+    resources = dict(checkpoint.get("resources", {}))
+    resources[resource] = state
+    return {**checkpoint, "resources": resources, "position": position}
+
+
+def totals(checkpoint: dict[str, Any]) -> dict[str, int]:
+    """Rows, files and bytes committed across all resources."""
+    out = {"rows": 0, "files": 0, "bytes": 0}
+    for state in checkpoint.get("resources", {}).values():
+        for key in out:
+            out[key] += int(state.get(key, 0))
+    return out

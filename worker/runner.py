@@ -1,0 +1,456 @@
+"""The runner: executes one run under its lease, resource by resource, slice by slice.
+
+It emits the lifecycle events, checkpoints after every slice (the slice file
+is published inside the same fenced transaction as the checkpoint and its
+``slice_completed`` entry), checks for SIGTERM, cancellation and a lost lease
+between pages, and ends the run as succeeded, failed, interrupted or
+cancelled. It never builds a query: all I/O goes through the store.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worker import progress
+from worker.destinations import Destination, SliceKey, StagedSlice, build_destination
+from worker.errors import LeaseLost, QuarryError, SourceError, StopRequested
+from worker.heartbeat import Heartbeat
+from worker.models import Event, Lease, NewEntry, Status
+from worker.pipelines import Pipeline, ResourceConfig, Window, get_pipeline, plan_slices
+from worker.runlog import get_logger
+from worker.runtime import Runtime
+from worker.scrub import scrubber
+from worker.signals import StopFlag
+from worker.sources import Source, build_source
+from worker.telemetry import Telemetry
+
+#: Longest error summary stored on a run.
+MAX_ERROR_SUMMARY = 2000
+
+
+class Outcome(enum.StrEnum):
+    """How one execution of ``execute_run`` ended."""
+
+    SKIPPED = "skipped"  # the lease was not ours to take: a duplicate delivery
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass
+class _Attempt:
+    """What one attempt of a run carries around."""
+
+    lease: Lease
+    log: Any
+    pipeline: Pipeline
+    checkpoint: dict[str, Any]
+    telemetry: Telemetry
+    heartbeat: Heartbeat
+    started: float
+
+
+def error_summary(exc: BaseException) -> str:
+    """A scrubbed, bounded one-line description of ``exc``."""
+    text = str(exc) if isinstance(exc, QuarryError) else f"{type(exc).__name__}: {exc}"
+    return scrubber.text(text)[:MAX_ERROR_SUMMARY]
+
+
+class Runner:
+    """Executes runs in this process."""
+
+    def __init__(self, runtime: Runtime, stop: StopFlag) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
+        self.store = runtime.store
+        self.stop = stop
+
+    # -- entry point ----------------------------------------------------------
+
+    def execute(self, run_id: str) -> Outcome:
+        """Take the lease on ``run_id`` and run it; a second delivery is a no-op."""
+        owner = self.settings.identity()
+        quiet = get_logger(worker_id=owner, run=run_id)  # stdout only: no run_id, no entry
+        base_log = get_logger(run_id=run_id, worker_id=owner)
+
+        def acquired(lease: Lease) -> list[NewEntry]:
+            with self.rt.sink.hold() as held:
+                base_log.bind(attempt=lease.attempt, epoch=lease.epoch).info(
+                    Event.LEASE_ACQUIRED,
+                    message=f"Worker {owner} took ownership (attempt {lease.attempt})",
+                    lease_epoch=lease.epoch,
+                    lease_ttl_seconds=self.settings.lease_ttl_seconds,
+                )
+            return held
+
+        lease = self.store.acquire(run_id, owner, self.settings.lease_ttl_seconds, acquired)
+        if lease is None:
+            quiet.info("lease_not_acquired", message="Run is not claimable here; skipping")
+            return Outcome.SKIPPED
+        log = base_log.bind(attempt=lease.attempt, epoch=lease.epoch)
+        run = self.store.get_run(run_id)
+        telemetry = Telemetry(1, run.telemetry_summary)
+        heartbeat = Heartbeat(self.store, lease, self.settings, telemetry, log)
+        heartbeat.start()
+        attempt: _Attempt | None = None
+        try:
+            pipeline = get_pipeline(self.settings.pipelines_file, run.pipeline)
+            attempt = _Attempt(
+                lease, log, pipeline, run.checkpoint, telemetry, heartbeat, time.monotonic()
+            )
+            return self._run(attempt, run.params)
+        except LeaseLost:
+            self.rt.writer.discard(run_id)
+            quiet.warning("lease_lost", message="Lease taken over; stopped without writing more")
+            return Outcome.LEASE_LOST
+        except Exception as exc:  # noqa: BLE001 - any failure before extraction ends the run
+            return self._fail(lease, log, telemetry, exc, attempt)
+        finally:
+            heartbeat.stop()
+            self.rt.refused.pop(run_id, None)
+
+    # -- the extraction -------------------------------------------------------
+
+    def _run(self, a: _Attempt, params: dict[str, Any]) -> Outcome:
+        pipeline = a.pipeline
+        source = build_source(pipeline.source.type, {**pipeline.source.options(), **params})
+        try:
+            destination = build_destination(
+                pipeline.destination.type,
+                pipeline.destination.options(),
+                self.settings.files_root,
+            )
+            plans = {
+                r.name: (plan_slices(r.slices) if r.slices else None) for r in pipeline.resources
+            }
+            a.telemetry.units_total = sum(len(p) if p else 1 for p in plans.values())
+            a.telemetry.unit_done(self._units_already_done(a.checkpoint, plans))
+            names = [r.name for r in pipeline.resources]
+            a.telemetry.set(current_phase="extracting")
+            a.log.info(
+                Event.EXTRACTION_STARTED,
+                message=f"Starting extraction from {pipeline.source.type}",
+                resources=names,
+                source=pipeline.source.type,
+                destination=destination.describe(),
+                resumed=bool(a.checkpoint.get("resources")),
+            )
+            try:
+                for position, resource in enumerate(pipeline.resources):
+                    self._resource(a, source, destination, resource, position, plans[resource.name])
+            except StopRequested as stop:
+                return self._stop(a, stop)
+            totals = progress.totals(a.checkpoint)
+            a.log.info(
+                Event.EXTRACTION_COMPLETED,
+                message=(
+                    f"Extracted {len(names)} resources: {progress.format_count(totals['rows'])} "
+                    f"rows, {progress.format_count(totals['files'])} files"
+                ),
+                resources=len(names),
+                **totals,
+            )
+            self._complete(a, totals)
+            return Outcome.SUCCEEDED
+        finally:
+            source.close()
+
+    @staticmethod
+    def _units_already_done(checkpoint: dict[str, Any], plans: dict[str, list[Window] | None]) -> int:
+        done = 0
+        for name, plan in plans.items():
+            if progress.is_resource_done(checkpoint, name):
+                done += len(plan) if plan else 1
+            elif plan:
+                done += progress.next_slice(checkpoint, name) - 1
+        return done
+
+    def _resource(
+        self,
+        a: _Attempt,
+        source: Source,
+        destination: Destination,
+        resource: ResourceConfig,
+        position: int,
+        plan: list[Window] | None,
+    ) -> None:
+        name = resource.name
+        total = len(a.pipeline.resources)
+        if progress.is_resource_done(a.checkpoint, name):
+            return
+        started = time.monotonic()
+        resume_from = progress.next_slice(a.checkpoint, name) if plan else None
+        label = f"Extracting {name} ({position + 1}/{total})" + (", sliced" if plan else "")
+        if plan and resume_from and resume_from > 1:
+            label += f", resuming at slice {resume_from}/{len(plan)}"
+        a.telemetry.set(current_resource=name)
+        a.log.info(
+            Event.RESOURCE_STARTED,
+            message=label,
+            resource=name,
+            completed_count=position,
+            total_count=total,
+            sliced=plan is not None,
+            total_slices=len(plan) if plan else None,
+            resume_from_slice=resume_from if plan else None,
+        )
+        try:
+            if plan is None:
+                self._slice(a, source, destination, resource, None)
+            else:
+                for window in plan[(resume_from or 1) - 1 :]:
+                    self._slice(a, source, destination, resource, window)
+        except (StopRequested, LeaseLost):
+            raise
+        except Exception as exc:
+            a.log.error(
+                Event.RESOURCE_FAILED,
+                message=f"Failed {name}: {error_summary(exc)}",
+                resource=name,
+                error=error_summary(exc),
+                error_type=type(exc).__name__,
+                traceback=scrubber.text("".join(traceback.format_exception(exc)[-3:])),
+            )
+            raise
+        state = progress.resource_state(a.checkpoint, name)
+        rows, files = int(state.get("rows", 0)), int(state.get("files", 0))
+        duration = round(time.monotonic() - started, 3)
+        checkpoint = progress.record_resource_done(a.checkpoint, name)
+        self._commit(
+            a,
+            lambda: a.log.info(
+                Event.RESOURCE_COMPLETED,
+                message=(
+                    f"Completed {name}: {progress.format_count(rows)} rows, "
+                    f"{progress.format_count(files)} files"
+                ),
+                resource=name,
+                rows=rows,
+                files=files,
+                bytes=int(state.get("bytes", 0)),
+                duration_seconds=duration,
+            ),
+            checkpoint=checkpoint,
+        )
+
+    def _slice(
+        self,
+        a: _Attempt,
+        source: Source,
+        destination: Destination,
+        resource: ResourceConfig,
+        window: Window | None,
+    ) -> None:
+        name = resource.name
+        self._check(a)
+        started = time.monotonic()
+        if window is not None:
+            a.log.info(
+                Event.SLICE_STARTED,
+                message=f"Slice {window.index}/{window.total} for {name}",
+                resource=name,
+                slice=window.index,
+                total_slices=window.total,
+                window_start=window.start.isoformat(),
+                window_end=window.end.isoformat(),
+            )
+        key = SliceKey(
+            a.pipeline.name, a.lease.run_id, name, window.index if window else 0, a.lease.epoch
+        )
+        staged: StagedSlice = destination.stage(key)
+        try:
+            for page in source.read(resource, window):
+                staged.write(page)
+                self._check(a)
+            stats = staged.seal()
+            seconds = time.monotonic() - started
+            checkpoint = progress.record_slice(
+                a.checkpoint,
+                name,
+                index=key.index,
+                rows=stats.rows,
+                files=stats.files,
+                bytes_=stats.bytes,
+                seconds=seconds,
+            )
+            emit: Callable[[], None] = lambda: None  # noqa: E731 - an unsliced resource says nothing
+            if window is not None:
+                emit = lambda: a.log.info(  # noqa: E731 - reads best next to its use
+                    Event.SLICE_COMPLETED,
+                    message=(
+                        f"Slice {window.index}/{window.total}: "
+                        f"{progress.format_count(stats.rows)} rows"
+                    ),
+                    resource=name,
+                    slice=window.index,
+                    total_slices=window.total,
+                    rows=stats.rows,
+                    bytes=stats.bytes,
+                    duration_seconds=round(seconds, 3),
+                )
+            a.telemetry.add(rows=stats.rows, bytes_=stats.bytes, files=stats.files)
+            a.telemetry.unit_done()
+            self._commit(a, emit, checkpoint=checkpoint, before_commit=staged.publish)
+        except BaseException:
+            staged.discard()
+            raise
+
+    # -- safe points and transactions ----------------------------------------
+
+    def _check(self, a: _Attempt) -> None:
+        """A safe point: stop here if the lease is gone, SIGTERM arrived or cancel was asked."""
+        if not a.heartbeat.healthy or a.lease.epoch in self.rt.refused.get(a.lease.run_id, ()):
+            raise LeaseLost(f"{a.lease.run_id} epoch {a.lease.epoch}")
+        if self.stop.requested:
+            raise StopRequested(self.stop.signal_name or "SIGTERM")
+        if a.heartbeat.cancel_requested.is_set():
+            raise StopRequested("cancelled")
+
+    def _commit(
+        self,
+        a: _Attempt,
+        emit: Callable[[], None],
+        *,
+        checkpoint: dict[str, Any],
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """Commit a checkpoint with its entries (and what was buffered before them) at once."""
+        writer = self.rt.writer
+        with writer.io_lock:
+            with self.rt.sink.hold() as held:
+                emit()
+            earlier = self._take_own(a.lease.run_id)
+            try:
+                self.store.commit(
+                    a.lease,
+                    [*earlier, *held],
+                    checkpoint=checkpoint,
+                    summary=a.telemetry.snapshot(),
+                    before_commit=before_commit,
+                )
+            except LeaseLost:
+                raise
+            except Exception:
+                writer.requeue(earlier)
+                raise
+        a.checkpoint = checkpoint
+
+    def _take_own(self, run_id: str) -> list[NewEntry]:
+        pending = self.rt.writer.take()
+        own = [e for e in pending if e.run_id == run_id]
+        others = [e for e in pending if e.run_id != run_id]
+        if others:
+            self.rt.writer.requeue(others)
+        return own
+
+    def _finish(
+        self,
+        a_lease: Lease,
+        status: Status,
+        emit: Callable[[], None],
+        *,
+        telemetry: Telemetry,
+        error: str | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
+        writer = self.rt.writer
+        with writer.io_lock:
+            with self.rt.sink.hold() as held:
+                emit()
+            earlier = self._take_own(a_lease.run_id)
+            self.store.finish(
+                a_lease,
+                status,
+                [*earlier, *held],
+                error_summary=error,
+                checkpoint=checkpoint,
+                summary=telemetry.snapshot(),
+            )
+
+    # -- endings --------------------------------------------------------------
+
+    def _complete(self, a: _Attempt, totals: dict[str, int]) -> None:
+        elapsed = time.monotonic() - a.started
+        a.telemetry.set(current_phase="completed", progress=100.0, current_resource=None)
+        self._finish(
+            a.lease,
+            Status.SUCCEEDED,
+            lambda: a.log.info(
+                Event.RUN_COMPLETED,
+                message=f"Run completed successfully in {progress.format_duration(elapsed)}",
+                duration_seconds=round(elapsed, 3),
+                **totals,
+            ),
+            telemetry=a.telemetry,
+        )
+
+    def _stop(self, a: _Attempt, stop: StopRequested) -> Outcome:
+        position = a.checkpoint.get("position")
+        if stop.reason == "cancelled":
+            a.telemetry.set(current_phase="cancelled")
+            self._finish(
+                a.lease,
+                Status.CANCELLED,
+                lambda: a.log.warning(
+                    Event.RUN_CANCELLED,
+                    message="Run cancelled at a safe point; checkpoint saved",
+                    checkpoint=position,
+                ),
+                telemetry=a.telemetry,
+            )
+            return Outcome.CANCELLED
+        a.telemetry.set(current_phase="interrupted")
+        where = (
+            f"{position['resource']} slice {position['slice']}"
+            if position and position.get("slice")
+            else (position or {}).get("resource", "start")
+        )
+        self._finish(
+            a.lease,
+            Status.INTERRUPTED,
+            lambda: a.log.warning(
+                Event.RUN_INTERRUPTED,
+                message=f"{stop.reason} received, checkpoint saved after {where}",
+                signal=stop.reason,
+                checkpoint=position,
+            ),
+            telemetry=a.telemetry,
+        )
+        return Outcome.INTERRUPTED
+
+    def _fail(
+        self,
+        lease: Lease,
+        log: Any,
+        telemetry: Telemetry,
+        exc: BaseException,
+        attempt: _Attempt | None,
+    ) -> Outcome:
+        summary = error_summary(exc)
+        telemetry.set(current_phase="failed")
+        try:
+            self._finish(
+                lease,
+                Status.FAILED,
+                lambda: log.error(
+                    Event.RUN_FAILED,
+                    message=f"Run failed: {summary}",
+                    error=summary,
+                    error_type=type(exc).__name__,
+                    source_error=isinstance(exc, SourceError),
+                    checkpoint=(attempt.checkpoint.get("position") if attempt else None),
+                ),
+                telemetry=telemetry,
+                error=summary,
+            )
+        except LeaseLost:
+            self.rt.writer.discard(lease.run_id)
+            return Outcome.LEASE_LOST
+        return Outcome.FAILED

@@ -1,0 +1,82 @@
+"""What a process needs to execute runs: settings, store, entry writer and log sink.
+
+Built lazily, once per process (a forked pool child builds its own: database
+connections must never cross a fork).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from dataclasses import dataclass, field
+
+from worker import runlog
+from worker.runlog import EntryWriter, StoreSink
+from worker.settings import Settings, get_settings
+from worker.store import Store
+
+
+@dataclass
+class Runtime:
+    """The per-process services a run uses."""
+
+    settings: Settings
+    store: Store
+    writer: EntryWriter
+    sink: StoreSink
+    #: Lease epochs the writer found taken over, by run id.
+    refused: dict[str, set[int]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        """Open the store, start the writer and install the logging pipeline."""
+        store = Store(settings.store_url)
+        refused: dict[str, set[int]] = {}
+
+        def on_refused(pairs: set[tuple[str, int]]) -> None:
+            for run_id, epoch in pairs:
+                refused.setdefault(run_id, set()).add(epoch)
+
+        writer = EntryWriter(
+            store.append_entries,
+            flush_ms=settings.log_flush_ms,
+            batch_size=settings.log_batch_size,
+            on_refused=on_refused,
+        )
+        sink = StoreSink(writer, settings.max_message_bytes)
+        runlog.configure(sink, log_format=settings.log_format, level=settings.log_level)
+        writer.start()
+        return cls(settings, store, writer, sink, refused)
+
+    def close(self) -> None:
+        """Flush entries and close connections."""
+        try:
+            self.writer.close()
+        finally:
+            self.store.close()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_pid: int | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use (again after a fork)."""
+    global _runtime, _pid  # noqa: PLW0603 - one runtime per process is the point
+    with _lock:
+        if _runtime is None or _pid != os.getpid():
+            _runtime = Runtime.create(get_settings())
+            _pid = os.getpid()
+            atexit.register(_runtime.close)
+        return _runtime
+
+
+def close_runtime() -> None:
+    """Flush and close this process's runtime, if it has one."""
+    global _runtime  # noqa: PLW0603
+    with _lock:
+        if _runtime is not None and _pid == os.getpid():
+            _runtime.close()
+        _runtime = None

@@ -1,0 +1,99 @@
+"""Quarry's one typed settings object, read once from ``QUARRY_*`` environment variables."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Directory for everything the embedded default keeps on disk.
+DEFAULT_DATA_DIR = Path(".quarry")
+
+
+class Settings(BaseSettings):
+    """Every tunable of Quarry; defaults are the embedded mode (no services needed)."""
+
+    model_config = SettingsConfigDict(env_prefix="QUARRY_", extra="ignore", frozen=True)
+
+    #: Where the embedded store, broker and file output live.
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: SQLAlchemy URL of the run-log store; empty means SQLite under ``data_dir``.
+    database_url: str = ""
+    #: Celery broker URL; empty means kombu's SQLAlchemy transport over SQLite under ``data_dir``.
+    broker_url: str = ""
+    #: The pipelines file (TOML or YAML).
+    pipelines_file: Path = Path("pipelines.toml")
+    #: Root of the files destination when a pipeline does not name a path.
+    output_dir: Path | None = None
+    #: Celery queue that carries ``execute_run``.
+    queue: str = "quarry.runs"
+    #: Identity of this worker in leases and log entries; empty means host:pid.
+    worker_id: str = ""
+
+    #: A lease not renewed for this long is expired and may be recovered.
+    lease_ttl_seconds: float = Field(default=30.0, gt=0)
+    #: How often the heartbeat renews the lease; must be well under the TTL.
+    lease_renew_seconds: float = Field(default=10.0, gt=0)
+    #: How often a ``heartbeat`` entry is written to the run log (the lease is renewed far more).
+    heartbeat_log_seconds: float = Field(default=300.0, gt=0)
+    #: How often the heartbeat appends a telemetry sample.
+    telemetry_sample_seconds: float = Field(default=5.0, gt=0)
+    #: Samples kept per run; past it the series is thinned so it still spans the run.
+    telemetry_max_samples: int = Field(default=2000, ge=10)
+    #: The store writer flushes buffered entries at least this often.
+    log_flush_ms: int = Field(default=200, ge=1)
+    #: The store writer flushes as soon as this many entries are buffered.
+    log_batch_size: int = Field(default=2000, ge=1)
+    #: Longest message stored; longer ones are truncated with a marker.
+    max_message_bytes: int = Field(default=64 * 1024, ge=256)
+    #: Attempts (first run + recoveries) before a run is given up.
+    max_attempts: int = Field(default=3, ge=1)
+    #: stdout rendering of log events.
+    log_format: Literal["console", "json"] = "console"
+    #: Lowest level rendered and stored.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def model_post_init(self, __context: object) -> None:
+        """Refuse a renew interval that cannot keep the lease alive."""
+        if self.lease_renew_seconds >= self.lease_ttl_seconds:
+            msg = "QUARRY_LEASE_RENEW_SECONDS must be smaller than QUARRY_LEASE_TTL_SECONDS"
+            raise ValueError(msg)
+
+    @property
+    def store_url(self) -> str:
+        """The store's SQLAlchemy URL, the embedded SQLite file when none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'quarry.db').resolve()}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker URL, kombu's SQLAlchemy transport over SQLite when none is set."""
+        if self.broker_url:
+            return self.broker_url
+        return f"quarry-sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def files_root(self) -> Path:
+        """Root directory of the files destination."""
+        return self.output_dir if self.output_dir is not None else self.data_dir / "output"
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the store is the embedded SQLite file."""
+        return self.store_url.startswith("sqlite")
+
+    def identity(self) -> str:
+        """This process's worker id: the configured one, or host:pid."""
+        return self.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Read the settings once per process."""
+    return Settings()

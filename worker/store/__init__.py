@@ -1,0 +1,5 @@
+"""The run-log store (SQLAlchemy): the only place Quarry talks to its database."""
+
+from worker.store.store import Store, new_run_id, utcnow
+
+__all__ = ["Store", "new_run_id", "utcnow"]

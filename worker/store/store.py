@@ -1,0 +1,554 @@
+"""The run-log store: every database operation Quarry performs, behind one interface.
+
+Nothing outside this package builds a query. Writes made by a lease holder are
+*fenced*: they run in a transaction that first updates the run row on the
+condition ``lease_epoch = :mine`` and raise :class:`LeaseLost` when that
+matches nothing. The fence update takes the row's write lock (PostgreSQL) or
+the database write lock (SQLite, ``BEGIN IMMEDIATE``), so a takeover cannot
+commit between the check and the writes that follow it in the transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+
+from worker.errors import IllegalTransition, LeaseLost, RunNotFound
+from worker.models import (
+    TERMINAL,
+    Entry,
+    Lease,
+    Level,
+    NewEntry,
+    Run,
+    Status,
+    can_transition,
+)
+from worker.store import migrate
+from worker.store.engine import _json_dumps, db_epoch, make_engine
+from worker.store.tables import log_entries, runs, telemetry_samples
+
+#: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
+ENTRY_ORDER_LOCK = 0x5155_4152_5259  # "QUARRY"
+
+_ENTRY_COLUMNS = (
+    "run_id",
+    "level",
+    "event",
+    "message",
+    "data",
+    "worker_id",
+    "attempt",
+    "occurred_at",
+)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything Quarry stores is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def new_run_id() -> str:
+    """A fresh, unguessable run id."""
+    return f"run_{secrets.token_hex(8)}"
+
+
+def _run_from_row(row: Any) -> Run:
+    return Run(
+        id=row.id,
+        pipeline=row.pipeline,
+        status=Status(row.status),
+        attempt=row.attempt,
+        params=row.params or {},
+        lease_owner=row.lease_owner,
+        lease_epoch=row.lease_epoch,
+        lease_expires_at=row.lease_expires_at,
+        heartbeat_at=_aware(row.heartbeat_at),
+        checkpoint=row.checkpoint or {},
+        telemetry_summary=row.telemetry_summary or {},
+        error_summary=row.error_summary,
+        cancel_requested=bool(row.cancel_requested),
+        created_at=_aware(row.created_at) or utcnow(),
+        started_at=_aware(row.started_at),
+        finished_at=_aware(row.finished_at),
+        updated_at=_aware(row.updated_at) or utcnow(),
+    )
+
+
+def _entry_from_row(row: Any) -> Entry:
+    return Entry(
+        id=row.id,
+        run_id=row.run_id,
+        level=Level(row.level),
+        event=row.event,
+        message=row.message,
+        data=row.data or {},
+        worker_id=row.worker_id,
+        attempt=row.attempt,
+        occurred_at=_aware(row.occurred_at) or utcnow(),
+    )
+
+
+def _levels_at_least(level: Level) -> list[str]:
+    return [lv.value for lv in Level if lv.rank >= level.rank]
+
+
+class Store:
+    """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        # SQLite readers must not take the write lock that writers take at BEGIN.
+        self._reader: Engine = (
+            make_engine(url, immediate=False) if self.dialect == "sqlite" else self.engine
+        )
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+        if self._reader is not self.engine:
+            self._reader.dispose()
+
+    # -- schema ---------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Apply Alembic migrations up to head."""
+        migrate.upgrade(self.engine)
+
+    def schema_is_current(self) -> bool:
+        """Whether the schema is at the newest migration."""
+        return migrate.is_current(self._reader)
+
+    def ping(self) -> None:
+        """Round-trip to the database; raises when it is unreachable."""
+        with self._reader.connect() as conn:
+            conn.execute(select(literal(1)))
+
+    # -- runs -----------------------------------------------------------------
+
+    def create_run(
+        self,
+        pipeline: str,
+        params: dict[str, Any] | None = None,
+        *,
+        gateway: str | None = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Store a new ``queued`` run and return it."""
+        now = utcnow()
+        values = {
+            "id": run_id or new_run_id(),
+            "pipeline": pipeline,
+            "status": Status.QUEUED.value,
+            "attempt": 1,
+            "params": params or {},
+            "gateway": gateway,
+            "lease_epoch": 0,
+            "checkpoint": {},
+            "telemetry_summary": {},
+            "cancel_requested": False,
+            "created_at": now,
+            "queued_at": now,
+            "updated_at": now,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(insert(runs).values(**values))
+        return self.get_run(str(values["id"]))
+
+    def get_run(self, run_id: str) -> Run:
+        """The run with this id; raises :class:`RunNotFound`."""
+        with self._reader.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+        if row is None:
+            raise RunNotFound(run_id)
+        return _run_from_row(row)
+
+    def list_runs(
+        self,
+        *,
+        status: Status | None = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+    ) -> list[Run]:
+        """Runs, newest first, optionally filtered."""
+        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(runs.c.status == status.value)
+        if pipeline is not None:
+            query = query.where(runs.c.pipeline == pipeline)
+        with self._reader.connect() as conn:
+            return [_run_from_row(row) for row in conn.execute(query)]
+
+    def db_time(self) -> float:
+        """The database clock, seconds since the Unix epoch."""
+        with self._reader.connect() as conn:
+            return float(conn.execute(select(db_epoch())).scalar_one())
+
+    # -- the lease ------------------------------------------------------------
+
+    def acquire(
+        self,
+        run_id: str,
+        owner: str,
+        ttl_seconds: float,
+        entries: Callable[[Lease], Sequence[NewEntry]] = lambda _lease: (),
+    ) -> Lease | None:
+        """Take the lease on a queued run; None when it is not claimable.
+
+        One conditional UPDATE decides, checked by its rowcount; it bumps the
+        epoch, the fencing token. ``entries`` builds the entries (such as
+        ``lease_acquired``) committed in the same transaction.
+        """
+        now = utcnow()
+        stmt = (
+            update(runs)
+            .where(
+                runs.c.id == run_id,
+                runs.c.status == Status.QUEUED.value,
+                runs.c.cancel_requested.is_(False),
+                or_(runs.c.lease_owner.is_(None), runs.c.lease_expires_at < db_epoch()),
+            )
+            .values(
+                status=Status.RUNNING.value,
+                lease_owner=owner,
+                lease_epoch=runs.c.lease_epoch + 1,
+                lease_expires_at=db_epoch() + ttl_seconds,
+                heartbeat_at=now,
+                started_at=func.coalesce(runs.c.started_at, now),
+                updated_at=now,
+            )
+            .returning(runs.c.lease_epoch, runs.c.attempt, runs.c.lease_expires_at)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+            if row is None:
+                return None
+            lease = Lease(run_id, owner, row.lease_epoch, row.attempt, row.lease_expires_at)
+            self._insert_entries(conn, entries(lease))
+        return lease
+
+    def renew(
+        self, lease: Lease, ttl_seconds: float, summary: dict[str, Any] | None = None
+    ) -> bool:
+        """Extend the lease (and store the telemetry summary); returns ``cancel_requested``."""
+        values: dict[str, Any] = {
+            "lease_expires_at": db_epoch() + ttl_seconds,
+            "heartbeat_at": utcnow(),
+        }
+        if summary is not None:
+            values["telemetry_summary"] = summary
+        with self.engine.begin() as conn:
+            row = self._fence(conn, lease, values, returning=True)
+        return bool(row.cancel_requested)
+
+    def commit(
+        self,
+        lease: Lease,
+        entries: Sequence[NewEntry] = (),
+        *,
+        checkpoint: dict[str, Any] | None = None,
+        summary: dict[str, Any] | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """One fenced transaction: checkpoint, summary and entries land together or not at all.
+
+        ``before_commit`` runs after the fence while the lock is held, so what it
+        does (publishing a slice file) cannot race a takeover.
+        """
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if checkpoint is not None:
+            values["checkpoint"] = checkpoint
+        if summary is not None:
+            values["telemetry_summary"] = summary
+        with self.engine.begin() as conn:
+            self._fence(conn, lease, values)
+            self._insert_entries(conn, entries)
+            if before_commit is not None:
+                before_commit()
+
+    def finish(
+        self,
+        lease: Lease,
+        status: Status,
+        entries: Sequence[NewEntry] = (),
+        *,
+        error_summary: str | None = None,
+        checkpoint: dict[str, Any] | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        """End the holder's tenure: set ``status``, release the lease, write the entries."""
+        if not can_transition(Status.RUNNING, status) or status is Status.QUEUED:
+            raise IllegalTransition(f"{Status.RUNNING} -> {status}")
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": status.value,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if status in TERMINAL:
+            values["finished_at"] = now
+        if error_summary is not None:
+            values["error_summary"] = error_summary
+        if checkpoint is not None:
+            values["checkpoint"] = checkpoint
+        if summary is not None:
+            values["telemetry_summary"] = summary
+        with self.engine.begin() as conn:
+            self._fence(conn, lease, values)
+            self._insert_entries(conn, entries)
+
+    def _fence(
+        self, conn: Connection, lease: Lease, values: dict[str, Any], *, returning: bool = False
+    ) -> Any:
+        stmt = (
+            update(runs)
+            .where(
+                runs.c.id == lease.run_id,
+                runs.c.lease_epoch == lease.epoch,
+                runs.c.status == Status.RUNNING.value,
+            )
+            .values(**values)
+        )
+        if returning:
+            row = conn.execute(stmt.returning(runs.c.cancel_requested)).first()
+            if row is None:
+                raise LeaseLost(f"{lease.run_id} epoch {lease.epoch}")
+            return row
+        if conn.execute(stmt).rowcount != 1:
+            raise LeaseLost(f"{lease.run_id} epoch {lease.epoch}")
+        return None
+
+    # -- transitions by non-holders (watchdog, operators) -----------------------
+
+    def transition(
+        self,
+        run_id: str,
+        expected: Status,
+        target: Status,
+        entries: Sequence[NewEntry] = (),
+        *,
+        expected_epoch: int | None = None,
+        error_summary: str | None = None,
+        bump_attempt: bool = False,
+    ) -> bool:
+        """Move a run ``expected`` → ``target`` unless someone moved it first.
+
+        The epoch is bumped, so a holder that is still alive (a frozen process)
+        finds its lease lost on its next write. Returns whether this call won.
+        """
+        if not can_transition(expected, target):
+            raise IllegalTransition(f"{expected} -> {target}")
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": target.value,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "lease_epoch": runs.c.lease_epoch + 1,
+            "updated_at": now,
+        }
+        if target is Status.QUEUED:
+            values["queued_at"] = now
+        if target in TERMINAL:
+            values["finished_at"] = now
+        if bump_attempt:
+            values["attempt"] = runs.c.attempt + 1
+        if error_summary is not None:
+            values["error_summary"] = error_summary
+        conditions = [runs.c.id == run_id, runs.c.status == expected.value]
+        if expected_epoch is not None:
+            conditions.append(runs.c.lease_epoch == expected_epoch)
+        with self.engine.begin() as conn:
+            if conn.execute(update(runs).where(and_(*conditions)).values(**values)).rowcount != 1:
+                return False
+            self._insert_entries(conn, entries)
+        return True
+
+    def expire_lease(self, run_id: str) -> None:
+        """Mark a run's lease expired now (what a frozen holder's silence amounts to)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(runs).where(runs.c.id == run_id).values(lease_expires_at=db_epoch() - 1)
+            )
+
+    def expired_runs(self, limit: int = 100) -> list[Run]:
+        """``running`` runs whose lease has expired on the database clock."""
+        query = (
+            select(runs)
+            .where(runs.c.status == Status.RUNNING.value, runs.c.lease_expires_at < db_epoch())
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [_run_from_row(row) for row in conn.execute(query)]
+
+    # -- log entries ----------------------------------------------------------
+
+    def append_entries(self, entries: Sequence[NewEntry]) -> set[tuple[str, int]]:
+        """Store buffered entries; fenced groups whose lease is gone are dropped.
+
+        Returns the ``(run_id, epoch)`` pairs that were refused, so the writer
+        can tell their runs that the lease is lost.
+        """
+        if not entries:
+            return set()
+        fenced: dict[tuple[str, int], None] = {}
+        for entry in entries:
+            if entry.epoch is not None:
+                fenced[(entry.run_id, entry.epoch)] = None
+        refused: set[tuple[str, int]] = set()
+        with self.engine.begin() as conn:
+            for run_id, epoch in fenced:
+                touched = conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id, runs.c.lease_epoch == epoch)
+                    .values(lease_epoch=runs.c.lease_epoch)
+                ).rowcount
+                if touched != 1:
+                    refused.add((run_id, epoch))
+            kept = [
+                e for e in entries if e.epoch is None or (e.run_id, e.epoch) not in refused
+            ]
+            self._insert_entries(conn, kept)
+        return refused
+
+    def _insert_entries(self, conn: Connection, entries: Iterable[NewEntry]) -> None:
+        rows = [
+            (
+                e.run_id,
+                e.level.value,
+                e.event,
+                e.message,
+                e.data,
+                e.worker_id,
+                e.attempt,
+                e.occurred_at,
+            )
+            for e in entries
+        ]
+        if not rows:
+            return
+        if self.dialect == "postgresql":
+            self._order_entries(conn)
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            columns = ", ".join(_ENTRY_COLUMNS)
+            with raw.cursor() as cursor, cursor.copy(
+                f"COPY log_entries ({columns}) FROM STDIN"  # noqa: S608 - constant column list
+            ) as copy:
+                for row in rows:
+                    copy.write_row((*row[:4], _json_dumps(row[4]), *row[5:]))
+            return
+        conn.execute(
+            insert(log_entries),
+            [dict(zip(_ENTRY_COLUMNS, row, strict=True)) for row in rows],
+        )
+
+    def _order_entries(self, conn: Connection) -> None:
+        """Serialise entry-writing commits so ids become visible in increasing order.
+
+        A PostgreSQL sequence hands out ids at INSERT time, but transactions may
+        commit in another order; a reader paging by id could then step past an id
+        that commits a moment later. Holding one transaction-scoped advisory lock
+        from before the insert until the commit makes id order and commit order
+        the same, so the id is a gap-free cursor. SQLite serialises writers anyway.
+        """
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ENTRY_ORDER_LOCK})")
+
+    def entries(
+        self,
+        run_id: str | None = None,
+        *,
+        after_id: int = 0,
+        limit: int = 1000,
+        min_level: Level | None = None,
+        event: str | None = None,
+    ) -> list[Entry]:
+        """Entries oldest first, after the ``after_id`` cursor, optionally filtered."""
+        query = (
+            select(log_entries)
+            .where(log_entries.c.id > after_id)
+            .order_by(log_entries.c.id)
+            .limit(limit)
+        )
+        if run_id is not None:
+            query = query.where(log_entries.c.run_id == run_id)
+        if min_level is not None and min_level is not Level.DEBUG:
+            query = query.where(log_entries.c.level.in_(_levels_at_least(min_level)))
+        if event is not None:
+            query = query.where(log_entries.c.event == event)
+        with self._reader.connect() as conn:
+            return [_entry_from_row(row) for row in conn.execute(query)]
+
+    def count_entries(self, run_id: str) -> int:
+        """How many entries a run has."""
+        with self._reader.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(log_entries.c.run_id == run_id)
+                ).scalar_one()
+            )
+
+    # -- telemetry ------------------------------------------------------------
+
+    def append_sample(
+        self, run_id: str, values: dict[str, Any], *, at: datetime | None = None, cap: int = 2000
+    ) -> None:
+        """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(telemetry_samples).values(run_id=run_id, at=at or utcnow(), values=values)
+            )
+            count = conn.execute(
+                select(func.count()).where(telemetry_samples.c.run_id == run_id)
+            ).scalar_one()
+            if count <= cap:
+                return
+            ranked = (
+                select(
+                    telemetry_samples.c.id,
+                    func.row_number()
+                    .over(order_by=(telemetry_samples.c.at, telemetry_samples.c.id))
+                    .label("rn"),
+                )
+                .where(telemetry_samples.c.run_id == run_id)
+                .subquery()
+            )
+            # Drop the even-ranked points: the first and the newest (odd count) stay.
+            doomed = select(ranked.c.id).where(ranked.c.rn % 2 == 0, ranked.c.rn < count)
+            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
+
+    def samples(self, run_id: str) -> list[tuple[datetime, dict[str, Any]]]:
+        """A run's telemetry series, oldest first."""
+        query = (
+            select(telemetry_samples.c.at, telemetry_samples.c["values"])
+            .where(telemetry_samples.c.run_id == run_id)
+            .order_by(telemetry_samples.c.at, telemetry_samples.c.id)
+        )
+        with self._reader.connect() as conn:
+            return [(_aware(row[0]) or utcnow(), row[1]) for row in conn.execute(query)]
+
+

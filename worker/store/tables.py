@@ -1,0 +1,92 @@
+"""The run-log store's tables (SQLAlchemy Core); Alembic migrations create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: JSON everywhere, JSONB on PostgreSQL (indexable, compact).
+Json = JSON().with_variant(JSONB(), "postgresql")
+#: 64-bit ids on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+EntryId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("params", Json, nullable=False),
+    Column("gateway", String(200), nullable=True),
+    Column("lease_owner", String(200), nullable=True),
+    # The fencing token: only ever grows, bumped by every acquire.
+    Column("lease_epoch", Integer, nullable=False, default=0),
+    # Seconds since the epoch on the database clock, so that no worker's clock matters.
+    Column("lease_expires_at", Float, nullable=True),
+    Column("heartbeat_at", Timestamp, nullable=True),
+    Column("checkpoint", Json, nullable=False),
+    Column("telemetry_summary", Json, nullable=False),
+    Column("error_summary", Text, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("queued_at", Timestamp, nullable=False),
+    Column("started_at", Timestamp, nullable=True),
+    Column("finished_at", Timestamp, nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+    Index("ix_runs_status_queued_at", "status", "queued_at"),
+    Index("ix_runs_pipeline_created_at", "pipeline", "created_at"),
+)
+
+log_entries = Table(
+    "log_entries",
+    metadata,
+    Column("id", EntryId, Identity(always=False), primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("level", String(10), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", Json, nullable=False),
+    Column("worker_id", String(200), nullable=True),
+    Column("attempt", Integer, nullable=True),
+    Column("occurred_at", Timestamp, nullable=False),
+    Index("ix_log_entries_run_id_id", "run_id", "id"),
+    Index("ix_log_entries_occurred_at", "occurred_at"),
+    sqlite_autoincrement=True,
+)
+
+telemetry_samples = Table(
+    "telemetry_samples",
+    metadata,
+    Column("id", EntryId, Identity(always=False), primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Timestamp, nullable=False),
+    Column("values", Json, nullable=False),
+    Index("ix_telemetry_samples_run_id_at", "run_id", "at"),
+    sqlite_autoincrement=True,
+)

@@ -1,0 +1,61 @@
+"""Celery at the edge: thin task functions and the worker's process hooks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals as celery_signals
+
+from worker import signals
+from worker.celery_app import EXECUTE_RUN, app
+from worker.runner import Runner
+from worker.runtime import close_runtime, get_runtime
+from worker.settings import get_settings
+from worker.store import Store
+
+log = logging.getLogger("quarry.worker")
+
+
+@app.task(name=EXECUTE_RUN, ignore_result=True)
+def execute_run(run_id: str) -> str:
+    """Execute one run; a delivery for a run someone else holds returns ``skipped``."""
+    signals.stop_flag.clear()
+    return Runner(get_runtime(), signals.stop_flag).execute(run_id).value
+
+
+def publish_run(run_id: str) -> None:
+    """Send the wake-up message for ``run_id`` to the runs queue."""
+    app.send_task(EXECUTE_RUN, args=[run_id], queue=get_settings().queue)
+
+
+def prepare_store() -> None:
+    """Bring an empty embedded database up to date; refuse a stale production schema."""
+    settings = get_settings()
+    store = Store(settings.store_url)
+    try:
+        if store.schema_is_current():
+            return
+        if settings.embedded:
+            store.upgrade()
+            return
+        msg = "the store's schema is not current: run `quarry db upgrade` first"
+        raise RuntimeError(msg)
+    finally:
+        store.close()
+
+
+@celery_signals.worker_init.connect
+def _on_worker_init(**_kwargs: Any) -> None:
+    prepare_store()
+
+
+@celery_signals.worker_process_init.connect
+def _on_process_init(**_kwargs: Any) -> None:
+    signals.install()
+    get_runtime()
+
+
+@celery_signals.worker_process_shutdown.connect
+def _on_process_shutdown(**_kwargs: Any) -> None:
+    close_runtime()
