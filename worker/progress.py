@@ -10,6 +10,11 @@ def format_count(value: int) -> str:
     return f"{value:,}"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``3 files``, ``12,500 rows``."""
+    return f"{format_count(count)} {noun if count == 1 else noun + 's'}"
+
+
 def format_duration(seconds: float) -> str:
     """``15300`` → ``4h 15m``; ``125`` → ``2m 5s``; ``3.25`` → ``3.2s``."""
     if seconds < 60:

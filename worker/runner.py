@@ -151,8 +151,8 @@ class Runner:
             a.log.info(
                 Event.EXTRACTION_COMPLETED,
                 message=(
-                    f"Extracted {len(names)} resources: {progress.format_count(totals['rows'])} "
-                    f"rows, {progress.format_count(totals['files'])} files"
+                    f"Extracted {progress.plural(len(names), 'resource')}: "
+                    f"{progress.plural(totals['rows'], 'row')}, {progress.plural(totals['files'], 'file')}"
                 ),
                 resources=len(names),
                 **totals,
@@ -228,8 +228,8 @@ class Runner:
             lambda: a.log.info(
                 Event.RESOURCE_COMPLETED,
                 message=(
-                    f"Completed {name}: {progress.format_count(rows)} rows, "
-                    f"{progress.format_count(files)} files"
+                    f"Completed {name}: {progress.plural(rows, 'row')}, "
+                    f"{progress.plural(files, 'file')}"
                 ),
                 resource=name,
                 rows=rows,
@@ -286,7 +286,7 @@ class Runner:
                     Event.SLICE_COMPLETED,
                     message=(
                         f"Slice {window.index}/{window.total}: "
-                        f"{progress.format_count(stats.rows)} rows"
+                        f"{progress.plural(stats.rows, 'row')}"
                     ),
                     resource=name,
                     slice=window.index,

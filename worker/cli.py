@@ -1,0 +1,363 @@
+"""``quarry``: trigger, list and inspect runs, read and follow their logs, run the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from worker import console as view
+from worker.errors import ConfigError, QuarryError
+from worker.models import Level, Status
+from worker.pipelines import load_pipelines, plan_slices
+from worker.scrub import scrubber
+from worker.settings import Settings, get_settings
+from worker.store import Store
+
+app = typer.Typer(
+    name="quarry",
+    help="Quarry: SIGTERM-safe data-extraction runs on Celery.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The run-log store's schema.", no_args_is_help=True)
+pipelines_app = typer.Typer(help="Pipelines declared in the pipelines file.", no_args_is_help=True)
+runs_app = typer.Typer(help="Trigger, list, show and cancel runs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(runs_app, name="runs")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class UsageError(QuarryError):
+    """The command line itself is wrong; the message names the option."""
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print a scrubbed error and exit non-zero."""
+    err.print("[bold red]error:[/] ", end="")
+    err.print(view.escape_controls(scrubber.text(message)), markup=False)
+    raise SystemExit(code)
+
+
+def open_store(settings: Settings | None = None) -> Store:
+    """The store, with a clear error when its schema was never created."""
+    settings = settings or get_settings()
+    store = Store(settings.store_url)
+    if not store.schema_is_current():
+        if settings.embedded:
+            store.upgrade()
+        else:
+            fail("the store's schema is not current: run `quarry db upgrade`")
+    return store
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``k=v`` pairs; values are read as JSON when they parse (numbers, true, lists)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            msg = f"--param: expected KEY=VALUE, got {pair!r}"
+            raise UsageError(msg)
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+def parse_level(value: str | None) -> Level | None:
+    """A ``--level`` value, or a usage error naming the option."""
+    if value is None:
+        return None
+    try:
+        return Level.parse(value)
+    except ValueError:
+        msg = f"--level: expected one of debug, info, warning, error; got {value!r}"
+        raise UsageError(msg) from None
+
+
+# -- db -----------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the store's tables (Alembic) to the newest schema."""
+    store = Store(get_settings().store_url)
+    store.upgrade()
+    out.print(f"store at {_safe_url(store.url)} is up to date")
+
+
+def _safe_url(url: str) -> str:
+    return scrubber.text(url)
+
+
+# -- pipelines ----------------------------------------------------------------
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the pipelines in the pipelines file."""
+    settings = get_settings()
+    pipelines = load_pipelines(settings.pipelines_file)
+    rows = []
+    for pipeline in pipelines.values():
+        resources_ = [
+            f"{r.name} ({len(plan_slices(r.slices))} slices)" if r.slices else r.name
+            for r in pipeline.resources
+        ]
+        rows.append(
+            {
+                "name": pipeline.name,
+                "source": pipeline.source.type,
+                "destination": pipeline.destination.type,
+                "resources": resources_,
+                "description": pipeline.description,
+            }
+        )
+    if as_json:
+        out.print_json(data=rows)
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("pipeline", "source", "destination", "resources", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"], row["source"], row["destination"], ", ".join(row["resources"]), row["description"]
+        )
+    out.print(table)
+
+
+# -- runs ---------------------------------------------------------------------
+
+
+def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
+    """Create a queued run and publish its wake-up; a failed publish cancels the run."""
+    from worker.tasks import publish_run
+
+    settings = get_settings()
+    load_pipelines(settings.pipelines_file)  # a broken file fails here, not in the worker
+    from worker.pipelines import get_pipeline
+
+    get_pipeline(settings.pipelines_file, pipeline)
+    run = store.create_run(pipeline, params)
+    try:
+        publish_run(run.id)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many types for an absent broker
+        store.transition(
+            run.id,
+            Status.QUEUED,
+            Status.CANCELLED,
+            error_summary=f"broker unreachable: {type(exc).__name__}",
+        )
+        msg = f"could not publish run {run.id}: broker unreachable ({scrubber.text(str(exc))})"
+        raise QuarryError(msg) from None
+    return run.id
+
+
+@runs_app.command("trigger")
+def runs_trigger(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE run parameter.")
+    ] = None,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Follow the run's logs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Queue a run of PIPELINE; with --follow, stream its logs until it ends."""
+    params = parse_params(param or [])
+    store = open_store()
+    run_id = trigger_run(store, pipeline, params)
+    if not follow_:
+        if as_json:
+            out.print_json(data=view.run_dict(store.get_run(run_id)))
+        else:
+            out.print(f"queued {run_id}")
+        return
+    if not as_json:
+        err.print(f"queued {run_id}, following (Ctrl-C stops following, not the run)")
+    run = view.follow(store, run_id, out, as_json=as_json)
+    raise typer.Exit(0 if run.status is Status.SUCCEEDED else 1)
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[str | None, typer.Option("--status", help="Only runs in this status.")] = None,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only this pipeline.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    wanted: Status | None = None
+    if status is not None:
+        try:
+            wanted = Status(status.lower())
+        except ValueError:
+            known = ", ".join(s.value for s in Status)
+            msg = f"--status: expected one of {known}; got {status!r}"
+            raise UsageError(msg) from None
+    runs = open_store().list_runs(status=wanted, pipeline=pipeline, limit=limit)
+    if as_json:
+        out.print_json(data=[view.run_dict(r) for r in runs])
+    elif runs:
+        out.print(view.runs_table(runs))
+    else:
+        out.print("no runs")
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one run: status, progress, checkpoint, error."""
+    run = open_store().get_run(run_id)
+    if as_json:
+        out.print_json(data=view.run_dict(run))
+    else:
+        out.print(view.run_panel(run))
+
+
+# -- logs ---------------------------------------------------------------------
+
+
+@app.command("logs")
+def logs(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    level: Annotated[
+        str | None, typer.Option("--level", help="Minimum level: info, warning (= warnings and errors), error.")
+    ] = None,
+    event: Annotated[str | None, typer.Option("--event", help="Only this event.")] = None,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON entry per line.")] = False,
+) -> None:
+    """Print a run's log entries, oldest first."""
+    min_level = parse_level(level)
+    store = open_store()
+    store.get_run(run_id)
+    view.follow(store, run_id, out, min_level=min_level, event=event, as_json=as_json, follow=follow_)
+
+
+# -- demo ---------------------------------------------------------------------
+
+
+def _demo_pipelines(settings: Settings) -> Path:
+    """The configured pipelines file if it declares ``demo``, else the packaged one."""
+    try:
+        if "demo" in load_pipelines(settings.pipelines_file):
+            return settings.pipelines_file
+    except ConfigError:
+        pass
+    return Path(str(resources.files("worker") / "demo_pipelines.toml"))
+
+
+@app.command("demo")
+def demo(
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+) -> None:
+    """Run the demo pipeline on a real worker process and follow it live."""
+    from worker.tasks import prepare_store
+
+    settings = get_settings()
+    pipelines_file = _demo_pipelines(settings).resolve()
+    env = {**os.environ, "QUARRY_PIPELINES_FILE": str(pipelines_file)}
+    os.environ["QUARRY_PIPELINES_FILE"] = str(pipelines_file)
+    get_settings.cache_clear()
+    settings = get_settings()
+    prepare_store()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    worker_log = settings.data_dir / "demo-worker.log"
+    err.print(f"starting a worker (celery -A worker worker), its log: {worker_log}")
+    with worker_log.open("ab") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency", "1",
+             "--loglevel", "warning", "--hostname", f"quarry-demo-{os.getpid()}@%h"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        store = open_store(settings)
+        run_id = trigger_run(store, "demo", {})
+        err.print(f"triggered run {run_id} of pipeline 'demo'")
+        deadline = time.monotonic() + timeout
+        run = view.follow(
+            store,
+            run_id,
+            out,
+            alive=lambda: worker.poll() is None and time.monotonic() < deadline,
+        )
+    finally:
+        _stop_worker(worker)
+    if run.status is Status.SUCCEEDED:
+        summary = run.telemetry_summary
+        out.print(
+            f"\n[bold green]demo succeeded[/]: {int(summary.get('rows_loaded', 0)):,} rows in "
+            f"{int(summary.get('files_written', 0)):,} files under {settings.files_root / 'demo' / run_id}"
+        )
+        return
+    if worker.returncode not in (None, 0, -signal.SIGTERM):
+        fail(f"the worker exited with {worker.returncode}; see {worker_log}")
+    fail(f"demo run {run_id} ended {run.status.value}: {run.error_summary or 'see its logs'}")
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """Warm-stop the worker with SIGTERM, as a deploy would; kill it if it hangs."""
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+# -- entry point ----------------------------------------------------------------
+
+
+def main() -> None:
+    """Run the CLI; user errors print one line and exit non-zero, with no traceback."""
+    try:
+        app()
+    except QuarryError as exc:
+        name = type(exc).__name__
+        prefix = {"RunNotFound": "no such run: ", "UsageError": ""}.get(name, "")
+        fail(prefix + str(exc), 2 if isinstance(exc, UsageError) else 1)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"QUARRY_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        fail(f"invalid settings: {problems or exc}")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in {"sqlalchemy", "psycopg", "sqlite3"}:
+            fail(f"cannot use the store at {_safe_url(get_settings().store_url)}: {_first_line(exc)}")
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return scrubber.text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""What the CLI shows a person: log lines like the run-log docs, run tables, a live follow."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from worker.models import Entry, Level, Run, Status
+from worker.progress import format_count, format_duration
+from worker.runlog import escape_controls
+from worker.store import Store, utcnow
+
+_LEVEL_STYLE = {Level.DEBUG: "dim", Level.INFO: "green", Level.WARNING: "yellow", Level.ERROR: "bold red"}
+_STATUS_STYLE = {
+    Status.QUEUED: "cyan",
+    Status.RUNNING: "blue",
+    Status.SUCCEEDED: "green",
+    Status.FAILED: "bold red",
+    Status.CANCELLED: "magenta",
+    Status.INTERRUPTED: "yellow",
+}
+#: How often ``--follow`` polls the store for new entries.
+POLL_SECONDS = 0.2
+
+
+def entry_line(entry: Entry) -> Text:
+    """``10:30:01 [info] resource_started - Extracting profiles (1/3)``, control chars escaped.
+
+    Built from Text parts, never markup, so no logged text can restyle or forge a line.
+    """
+    line = Text()
+    line.append(entry.occurred_at.astimezone().strftime("%H:%M:%S"), style="dim")
+    line.append(" [")
+    line.append(entry.level.value, style=_LEVEL_STYLE.get(entry.level, ""))
+    line.append("] ")
+    line.append(escape_controls(entry.event), style="bold")
+    line.append(" - ")
+    line.append(escape_controls(entry.message))
+    return line
+
+
+def entry_json(entry: Entry) -> str:
+    """One entry as a JSON line."""
+    return json.dumps(entry.as_dict(), ensure_ascii=False, default=str)
+
+
+def run_duration(run: Run) -> str:
+    """How long the run has taken so far (or took)."""
+    if run.started_at is None:
+        return "-"
+    end = run.finished_at or utcnow()
+    return format_duration((end - run.started_at).total_seconds())
+
+
+def run_dict(run: Run) -> dict[str, Any]:
+    """The run as JSON-ready data (no lease internals beyond what operators need)."""
+    return {
+        "id": run.id,
+        "pipeline": run.pipeline,
+        "status": run.status.value,
+        "attempt": run.attempt,
+        "params": run.params,
+        "lease_owner": run.lease_owner,
+        "lease_epoch": run.lease_epoch,
+        "checkpoint": run.checkpoint,
+        "telemetry_summary": run.telemetry_summary,
+        "error_summary": run.error_summary,
+        "cancel_requested": run.cancel_requested,
+        "created_at": run.created_at.isoformat(),
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+    }
+
+
+def status_text(status: Status) -> Text:
+    """A status, coloured."""
+    return Text(status.value, style=_STATUS_STYLE.get(status, ""))
+
+
+def runs_table(runs: list[Run]) -> Table:
+    """Runs as a table."""
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("run", "pipeline", "status", "attempt", "progress", "rows", "created", "took"):
+        table.add_column(column, justify="right" if column in {"attempt", "progress", "rows"} else "left")
+    for run in runs:
+        summary = run.telemetry_summary
+        table.add_row(
+            run.id,
+            escape_controls(run.pipeline),
+            status_text(run.status),
+            str(run.attempt),
+            f"{float(summary.get('progress', 0)):.0f}%",
+            format_count(int(summary.get("rows_loaded", 0))),
+            run.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            run_duration(run),
+        )
+    return table
+
+
+def run_panel(run: Run) -> Table:
+    """One run's details as a two-column grid."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    summary = run.telemetry_summary
+    position = run.checkpoint.get("position") or {}
+    rows: list[tuple[str, str | Text]] = [
+        ("run", run.id),
+        ("pipeline", escape_controls(run.pipeline)),
+        ("status", status_text(run.status)),
+        ("attempt", str(run.attempt)),
+        ("worker", run.lease_owner or "-"),
+        ("progress", f"{float(summary.get('progress', 0)):.1f}%"),
+        ("rows", format_count(int(summary.get("rows_loaded", 0)))),
+        ("bytes", format_count(int(summary.get("bytes_loaded", 0)))),
+        ("files", format_count(int(summary.get("files_written", 0)))),
+        ("checkpoint", escape_controls(json.dumps(position)) if position else "-"),
+        ("created", run.created_at.isoformat()),
+        ("took", run_duration(run)),
+    ]
+    if run.params:
+        rows.append(("params", escape_controls(json.dumps(run.params))))
+    if run.error_summary:
+        rows.append(("error", Text(escape_controls(run.error_summary), style="red")))
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def follow(
+    store: Store,
+    run_id: str,
+    console: Console,
+    *,
+    min_level: Level | None = None,
+    event: str | None = None,
+    as_json: bool = False,
+    follow: bool = True,
+    show_progress: bool = True,
+    alive: Callable[[], bool] = lambda: True,
+) -> Run:
+    """Print a run's entries from the start; with ``follow``, until the run ends.
+
+    The entry id is the cursor, so nothing is printed twice or skipped. Returns
+    the run as it was when following stopped.
+    """
+    cursor = 0
+    use_bar = follow and show_progress and not as_json and console.is_terminal
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rows]} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not use_bar,
+    )
+    task = bar.add_task(run_id, total=100, rows="0")
+    with bar:
+        while True:
+            # Status first: entries committed with a terminal status are then visible below.
+            run = store.get_run(run_id)
+            while True:
+                batch = store.entries(
+                    run_id, after_id=cursor, limit=1000, min_level=min_level, event=event
+                )
+                for entry in batch:
+                    if as_json:
+                        console.print(entry_json(entry), markup=False, highlight=False, soft_wrap=True)
+                    else:
+                        console.print(entry_line(entry), soft_wrap=True)
+                if batch:
+                    cursor = batch[-1].id
+                if len(batch) < 1000:
+                    break
+            summary = run.telemetry_summary
+            bar.update(
+                task,
+                completed=float(summary.get("progress", 0)),
+                rows=format_count(int(summary.get("rows_loaded", 0))),
+                description=f"{run_id} {summary.get('current_resource') or run.status.value}",
+            )
+            if not follow or run.status.terminal or not alive():
+                return run
+            time.sleep(POLL_SECONDS)
