@@ -33,11 +33,11 @@ _NOT_ENGINE_OPTIONS = (
 )
 
 
-class Channel(_Channel):  # type: ignore[misc]
+class Channel(_Channel):
     """kombu's SQLAlchemy channel with engine options filtered."""
 
     def _engine_from_config(self) -> Any:
-        conninfo = self.connection.client
+        conninfo: Any = self.connection.client
         options = {
             k: v for k, v in conninfo.transport_options.items() if k not in _NOT_ENGINE_OPTIONS
         }
@@ -46,7 +46,7 @@ class Channel(_Channel):  # type: ignore[misc]
         return create_engine(conninfo.hostname, **options)
 
 
-class Transport(_Transport):  # type: ignore[misc]
+class Transport(_Transport):
     """kombu's SQLAlchemy transport using :class:`Channel`."""
 
     Channel = Channel

@@ -20,6 +20,7 @@ from worker import console as view
 from worker.errors import ConfigError, QuarryError
 from worker.models import Level, Status
 from worker.pipelines import load_pipelines, plan_slices
+from worker.runlog import escape_controls
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
@@ -49,7 +50,7 @@ class UsageError(QuarryError):
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a scrubbed error and exit non-zero."""
     err.print("[bold red]error:[/] ", end="")
-    err.print(view.escape_controls(scrubber.text(message)), markup=False)
+    err.print(escape_controls(scrubber.text(message)), markup=False)
     raise SystemExit(code)
 
 
@@ -116,7 +117,7 @@ def pipelines_list(
     """List the pipelines in the pipelines file."""
     settings = get_settings()
     pipelines = load_pipelines(settings.pipelines_file)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for pipeline in pipelines.values():
         resources_ = [
             f"{r.name} ({len(plan_slices(r.slices))} slices)" if r.slices else r.name
@@ -141,7 +142,11 @@ def pipelines_list(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row["name"], row["source"], row["destination"], ", ".join(row["resources"]), row["description"]
+            row["name"],
+            row["source"],
+            row["destination"],
+            ", ".join(row["resources"]),
+            row["description"],
         )
     out.print(table)
 
@@ -161,7 +166,7 @@ def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
     run = store.create_run(pipeline, params)
     try:
         publish_run(run.id)
-    except Exception as exc:  # noqa: BLE001 - kombu raises many types for an absent broker
+    except Exception as exc:
         store.transition(
             run.id,
             Status.QUEUED,
@@ -200,7 +205,9 @@ def runs_trigger(
 
 @runs_app.command("list")
 def runs_list(
-    status: Annotated[str | None, typer.Option("--status", help="Only runs in this status.")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only runs in this status.")
+    ] = None,
     pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only this pipeline.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -243,17 +250,24 @@ def runs_show(
 def logs(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     level: Annotated[
-        str | None, typer.Option("--level", help="Minimum level: info, warning (= warnings and errors), error.")
+        str | None,
+        typer.Option(
+            "--level", help="Minimum level: info, warning (= warnings and errors), error."
+        ),
     ] = None,
     event: Annotated[str | None, typer.Option("--event", help="Only this event.")] = None,
-    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
+    follow_: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON entry per line.")] = False,
 ) -> None:
     """Print a run's log entries, oldest first."""
     min_level = parse_level(level)
     store = open_store()
     store.get_run(run_id)
-    view.follow(store, run_id, out, min_level=min_level, event=event, as_json=as_json, follow=follow_)
+    view.follow(
+        store, run_id, out, min_level=min_level, event=event, as_json=as_json, follow=follow_
+    )
 
 
 # -- demo ---------------------------------------------------------------------
@@ -288,8 +302,20 @@ def demo(
     err.print(f"starting a worker (celery -A worker worker), its log: {worker_log}")
     with worker_log.open("ab") as sink:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency", "1",
-             "--loglevel", "warning", "--hostname", f"quarry-demo-{os.getpid()}@%h"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                "worker",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "warning",
+                "--hostname",
+                f"quarry-demo-{os.getpid()}@%h",
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=env,
@@ -309,9 +335,10 @@ def demo(
         _stop_worker(worker)
     if run.status is Status.SUCCEEDED:
         summary = run.telemetry_summary
+        where = settings.files_root / "demo" / run_id
         out.print(
             f"\n[bold green]demo succeeded[/]: {int(summary.get('rows_loaded', 0)):,} rows in "
-            f"{int(summary.get('files_written', 0)):,} files under {settings.files_root / 'demo' / run_id}"
+            f"{int(summary.get('files_written', 0)):,} files under {where}"
         )
         return
     if worker.returncode not in (None, 0, -signal.SIGTERM):
@@ -351,12 +378,16 @@ def main() -> None:
         raise SystemExit(130) from None
     except Exception as exc:
         if type(exc).__module__.split(".")[0] in {"sqlalchemy", "psycopg", "sqlite3"}:
-            fail(f"cannot use the store at {_safe_url(get_settings().store_url)}: {_first_line(exc)}")
+            fail(
+                f"cannot use the store at {_safe_url(get_settings().store_url)}: {_first_line(exc)}"
+            )
         raise
 
 
 def _first_line(exc: BaseException) -> str:
-    return scrubber.text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return scrubber.text(
+        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ from worker.progress import format_count, format_duration
 from worker.runlog import escape_controls
 from worker.store import Store, utcnow
 
-_LEVEL_STYLE = {Level.DEBUG: "dim", Level.INFO: "green", Level.WARNING: "yellow", Level.ERROR: "bold red"}
+_LEVEL_STYLE = {
+    Level.DEBUG: "dim",
+    Level.INFO: "green",
+    Level.WARNING: "yellow",
+    Level.ERROR: "bold red",
+}
 _STATUS_STYLE = {
     Status.QUEUED: "cyan",
     Status.RUNNING: "blue",
@@ -88,7 +93,9 @@ def runs_table(runs: list[Run]) -> Table:
     """Runs as a table."""
     table = Table(show_edge=False, header_style="bold")
     for column in ("run", "pipeline", "status", "attempt", "progress", "rows", "created", "took"):
-        table.add_column(column, justify="right" if column in {"attempt", "progress", "rows"} else "left")
+        table.add_column(
+            column, justify="right" if column in {"attempt", "progress", "rows"} else "left"
+        )
     for run in runs:
         summary = run.telemetry_summary
         table.add_row(
@@ -174,7 +181,9 @@ def follow(
                 )
                 for entry in batch:
                     if as_json:
-                        console.print(entry_json(entry), markup=False, highlight=False, soft_wrap=True)
+                        console.print(
+                            entry_json(entry), markup=False, highlight=False, soft_wrap=True
+                        )
                     else:
                         console.print(entry_line(entry), soft_wrap=True)
                 if batch:

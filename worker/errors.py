@@ -39,7 +39,7 @@ class DestinationError(QuarryError):
     """A destination could not write a slice."""
 
 
-class StopRequested(QuarryError):  # noqa: N818 - a control-flow signal, not a failure
+class StopRequested(QuarryError):
     """The runner reached a safe point after SIGTERM or cancellation."""
 
     def __init__(self, reason: str) -> None:

@@ -99,7 +99,7 @@ class Heartbeat:
         except LeaseLost:
             self.lost.set()
             return False
-        except Exception:  # noqa: BLE001 - a database blip: retry until the TTL runs out
+        except Exception:
             logging.getLogger("quarry.heartbeat").warning("lease renew failed", exc_info=True)
             if time.monotonic() - self._last_ok >= self.settings.lease_ttl_seconds:
                 self.lost.set()
@@ -112,7 +112,7 @@ class Heartbeat:
 
     def _sample(self) -> None:
         snapshot = self.telemetry.snapshot()
-        values = {
+        values: dict[str, Any] = {
             k: snapshot[k]
             for k in ("rows_loaded", "bytes_loaded", "files_written", "progress")
             if k in snapshot
@@ -121,7 +121,7 @@ class Heartbeat:
             self.store.append_sample(
                 self.lease.run_id, values, cap=self.settings.telemetry_max_samples
             )
-        except Exception:  # noqa: BLE001 - a lost sample is not worth stopping a run
+        except Exception:
             logging.getLogger("quarry.heartbeat").warning("telemetry sample failed", exc_info=True)
 
     def _log_heartbeat(self) -> None:

@@ -63,14 +63,18 @@ def record_slice(
         bytes=int(state.get("bytes", 0)) + bytes_,
         duration_seconds=round(float(state.get("duration_seconds", 0.0)) + seconds, 3),
     )
-    return _with_resource(checkpoint, resource, state, position={"resource": resource, "slice": index})
+    return _with_resource(
+        checkpoint, resource, state, position={"resource": resource, "slice": index}
+    )
 
 
 def record_resource_done(checkpoint: dict[str, Any], resource: str) -> dict[str, Any]:
     """A new checkpoint with ``resource`` completed."""
     state = resource_state(checkpoint, resource)
     state["status"] = "completed"
-    return _with_resource(checkpoint, resource, state, position={"resource": resource, "slice": None})
+    return _with_resource(
+        checkpoint, resource, state, position={"resource": resource, "slice": None}
+    )
 
 
 def _with_resource(

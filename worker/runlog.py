@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -89,7 +89,9 @@ class EntryWriter:
         """Start the background flusher (idempotent)."""
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="quarry-log-writer", daemon=True)
+            self._thread = threading.Thread(
+                target=self._loop, name="quarry-log-writer", daemon=True
+            )
             self._thread.start()
 
     def put(self, entry: NewEntry) -> None:
@@ -151,7 +153,7 @@ class EntryWriter:
             try:
                 self.flush()
                 self.failures = 0
-            except Exception:  # noqa: BLE001 - the flusher must outlive a database blip
+            except Exception:
                 self.failures += 1
                 logging.getLogger("quarry.writer").warning(
                     "log flush failed (%d in a row); entries kept, will retry",
@@ -237,7 +239,7 @@ def configure(
     *,
     log_format: str = "console",
     level: str = "info",
-    stream: TextIO | IO[str] | None = None,
+    stream: TextIO | None = None,
 ) -> None:
     """Install Quarry's structlog pipeline for this process."""
     renderer: Any = (

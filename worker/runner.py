@@ -110,7 +110,7 @@ class Runner:
             self.rt.writer.discard(run_id)
             quiet.warning("lease_lost", message="Lease taken over; stopped without writing more")
             return Outcome.LEASE_LOST
-        except Exception as exc:  # noqa: BLE001 - any failure before extraction ends the run
+        except Exception as exc:
             return self._fail(lease, log, telemetry, exc, attempt)
         finally:
             heartbeat.stop()
@@ -144,7 +144,14 @@ class Runner:
             )
             try:
                 for position, resource in enumerate(pipeline.resources):
-                    self._resource(a, source, destination, resource, position, plans[resource.name])
+                    self._resource(
+                        a,
+                        source=source,
+                        destination=destination,
+                        resource=resource,
+                        position=position,
+                        plan=plans[resource.name],
+                    )
             except StopRequested as stop:
                 return self._stop(a, stop)
             totals = progress.totals(a.checkpoint)
@@ -152,7 +159,8 @@ class Runner:
                 Event.EXTRACTION_COMPLETED,
                 message=(
                     f"Extracted {progress.plural(len(names), 'resource')}: "
-                    f"{progress.plural(totals['rows'], 'row')}, {progress.plural(totals['files'], 'file')}"
+                    f"{progress.plural(totals['rows'], 'row')}, "
+                    f"{progress.plural(totals['files'], 'file')}"
                 ),
                 resources=len(names),
                 **totals,
@@ -163,7 +171,9 @@ class Runner:
             source.close()
 
     @staticmethod
-    def _units_already_done(checkpoint: dict[str, Any], plans: dict[str, list[Window] | None]) -> int:
+    def _units_already_done(
+        checkpoint: dict[str, Any], plans: dict[str, list[Window] | None]
+    ) -> int:
         done = 0
         for name, plan in plans.items():
             if progress.is_resource_done(checkpoint, name):
@@ -175,6 +185,7 @@ class Runner:
     def _resource(
         self,
         a: _Attempt,
+        *,
         source: Source,
         destination: Destination,
         resource: ResourceConfig,
@@ -285,8 +296,7 @@ class Runner:
                 emit = lambda: a.log.info(  # noqa: E731 - reads best next to its use
                     Event.SLICE_COMPLETED,
                     message=(
-                        f"Slice {window.index}/{window.total}: "
-                        f"{progress.plural(stats.rows, 'row')}"
+                        f"Slice {window.index}/{window.total}: {progress.plural(stats.rows, 'row')}"
                     ),
                     resource=name,
                     slice=window.index,

@@ -97,9 +97,10 @@ class Scrubber:
         pattern = self._value_pattern
         if pattern is not None:
             value = pattern.sub(REDACTED, value)
+        value = _SHAPES.sub(REDACTED, value)
         value = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED + "@", value)
-        value = _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED, value)
-        return _SHAPES.sub(REDACTED, value)
+        # Shapes first: "Authorization: Bearer x" must lose x, not just the word Bearer.
+        return _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED, value)
 
     def data(self, value: Any) -> Any:
         """A copy of ``value`` with secret keys and secret text removed at any depth."""

@@ -20,7 +20,7 @@ class Source(Protocol):
     """
 
     def read(self, resource: ResourceConfig, window: Window | None) -> Iterator[list[Row]]:
-        """Yield the rows of ``resource`` within ``window`` (all of it when None), a page at a time."""
+        """Yield pages of ``resource`` rows within ``window`` (the whole resource when None)."""
         ...
 
     def close(self) -> None:

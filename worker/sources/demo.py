@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -79,6 +79,7 @@ class DemoSource:
     def read(self, resource: ResourceConfig, window: Window | None) -> Iterator[list[Row]]:
         """Yield pages of ``resource`` rows for ``window``."""
         name = resource.name
+        make: Callable[[int, Window | None], Row]
         if name == "profiles":
             total, make = self.config.profiles, self._profile
         elif name == "events":

@@ -429,9 +429,7 @@ class Store:
                 ).rowcount
                 if touched != 1:
                     refused.add((run_id, epoch))
-            kept = [
-                e for e in entries if e.epoch is None or (e.run_id, e.epoch) not in refused
-            ]
+            kept = [e for e in entries if e.epoch is None or (e.run_id, e.epoch) not in refused]
             self._insert_entries(conn, kept)
         return refused
 
@@ -456,9 +454,10 @@ class Store:
             raw = conn.connection.driver_connection
             assert raw is not None
             columns = ", ".join(_ENTRY_COLUMNS)
-            with raw.cursor() as cursor, cursor.copy(
-                f"COPY log_entries ({columns}) FROM STDIN"  # noqa: S608 - constant column list
-            ) as copy:
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(f"COPY log_entries ({columns}) FROM STDIN") as copy,
+            ):
                 for row in rows:
                     copy.write_row((*row[:4], _json_dumps(row[4]), *row[5:]))
             return
@@ -550,5 +549,3 @@ class Store:
         )
         with self._reader.connect() as conn:
             return [(_aware(row[0]) or utcnow(), row[1]) for row in conn.execute(query)]
-
-

@@ -1,0 +1,224 @@
+"""Real ``celery -A worker worker`` processes against a real store and broker."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from worker.celery_app import EXECUTE_RUN, celery_config
+from worker.models import Entry, Run, Status
+from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
+from worker.settings import Settings
+from worker.sources.demo import DemoSource
+from worker.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+CELERY = Path(sys.executable).parent / "celery"
+
+PIPELINES = """
+[pipelines.small]
+source = { type = "demo", seed = 7, profiles = 300, events_per_slice = 40, lists = 5, page_size = 20 }
+resources = [
+  { name = "profiles" },
+  { name = "events", slices = { start = "2026-01-01T00:00:00Z", end = "2026-01-01T12:00:00Z", step = "1h" } },
+  { name = "lists" },
+]
+
+[pipelines.slow]
+source = { type = "demo", seed = 9, profiles = 100, events_per_slice = 60, lists = 3, page_size = 20, page_latency_ms = 60 }
+resources = [
+  { name = "profiles" },
+  { name = "events", slices = { start = "2026-01-01T00:00:00Z", end = "2026-01-02T06:00:00Z", step = "1h" } },
+  { name = "lists" },
+]
+"""
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll until ``predicate`` is truthy; a liveness deadline, not a speed assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class WorkerProcess:
+    """One ``celery -A worker worker`` in its own process group."""
+
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"worker-{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(CELERY),
+                "-A",
+                "worker",
+                "worker",
+                "--concurrency",
+                "1",
+                "--hostname",
+                f"{name}-{secrets.token_hex(3)}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "info",
+            ],
+            cwd=REPO,
+            env={**env, "QUARRY_WORKER_ID": name},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the worker and its pool children."""
+        os.killpg(self.proc.pid, sig)
+
+    def log(self) -> str:
+        """What the worker printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers; always reaps."""
+        if self.proc.poll() is None:
+            try:
+                self.signal_group(signal.SIGCONT)
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
+        if self.proc.poll() is None:
+            try:
+                self.signal_group(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+class Cluster:
+    """A store, a broker, a pipelines file and the workers started on them."""
+
+    def __init__(self, tmp_path: Path, *, database_url: str = "", broker_url: str = "") -> None:
+        self.data_dir = tmp_path / "data"
+        self.data_dir.mkdir()
+        self.pipelines_file = tmp_path / "pipelines.toml"
+        self.pipelines_file.write_text(PIPELINES)
+        self.tmp_path = tmp_path
+        self.settings = Settings(
+            data_dir=self.data_dir,
+            database_url=database_url,
+            broker_url=broker_url,
+            pipelines_file=self.pipelines_file,
+            queue=f"quarry-test-{secrets.token_hex(4)}",
+            lease_ttl_seconds=3,
+            lease_renew_seconds=1,
+            telemetry_sample_seconds=1,
+            log_format="json",
+        )
+        self.env = {
+            **os.environ,
+            "QUARRY_DATA_DIR": str(self.data_dir),
+            "QUARRY_DATABASE_URL": database_url,
+            "QUARRY_BROKER_URL": broker_url,
+            "QUARRY_PIPELINES_FILE": str(self.pipelines_file),
+            "QUARRY_QUEUE": self.settings.queue,
+            "QUARRY_LEASE_TTL_SECONDS": "3",
+            "QUARRY_LEASE_RENEW_SECONDS": "1",
+            "QUARRY_TELEMETRY_SAMPLE_SECONDS": "1",
+            "QUARRY_LOG_FORMAT": "json",
+        }
+        self.store = Store(self.settings.store_url)
+        self.store.upgrade()
+        self.app = Celery("quarry-test")
+        self.app.conf.update(celery_config(self.settings))
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, name: str) -> WorkerProcess:
+        """Start a worker process."""
+        w = WorkerProcess(self.env, name, self.tmp_path)
+        self.workers.append(w)
+        return w
+
+    def publish(self, run_id: str) -> None:
+        """Send ``execute_run(run_id)`` to the cluster's queue."""
+        self.app.send_task(EXECUTE_RUN, args=[run_id], queue=self.settings.queue)
+
+    def trigger(self, pipeline: str, **params: Any) -> str:
+        """Create a run and publish it."""
+        run = self.store.create_run(pipeline, params)
+        self.publish(run.id)
+        return run.id
+
+    def wait_status(self, run_id: str, *statuses: Status, timeout: float = 90) -> Run:
+        """Wait until the run is in one of ``statuses``."""
+        return wait_for(
+            lambda: (r := self.store.get_run(run_id)).status in statuses and r,
+            f"{run_id} to reach {', '.join(statuses)}",
+            timeout,
+        )
+
+    def entries(self, run_id: str) -> list[Entry]:
+        """Every entry of the run, in id order."""
+        return self.store.entries(run_id, limit=100_000)
+
+    def slices_done(self, run_id: str) -> int:
+        """How many slice_completed entries the run has."""
+        return sum(e.event == "slice_completed" for e in self.entries(run_id))
+
+    def close(self) -> None:
+        """Stop every worker and close connections."""
+        for w in self.workers:
+            w.stop()
+        self.store.close()
+        self.app.close()
+
+
+def expected_rows(
+    cluster: Cluster, pipeline: str, params: dict[str, Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """What each output file must hold, by file name, computed from the deterministic source."""
+    p = get_pipeline(cluster.pipelines_file, pipeline)
+    source = DemoSource.from_options(
+        {**p.source.options(), **(params or {}), "page_latency_ms": 0, "fail_at": None}
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for resource in p.resources:
+        windows = plan_slices(resource.slices) if resource.slices else [None]
+        for w in windows:
+            name = f"{resource.name}-{w.index:05d}.jsonl.gz" if w else f"{resource.name}.jsonl.gz"
+            rows = [
+                row for page in source.read(ResourceConfig(name=resource.name), w) for row in page
+            ]
+            out[f"{resource.name}/{name}"] = json.loads(json.dumps(rows, default=str))
+    return out
+
+
+def written_rows(cluster: Cluster, pipeline: str, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """What each output file holds, by ``resource/file`` name."""
+    root = cluster.data_dir / "output" / pipeline / run_id
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(root.glob("*/*.jsonl.gz")):
+        with gzip.open(path, "rt") as fh:
+            out[f"{path.parent.name}/{path.name}"] = [json.loads(line) for line in fh]
+    return out
+
+
+def temp_files(cluster: Cluster) -> list[Path]:
+    """Temporary (half-written) slice files anywhere in the output."""
+    return list((cluster.data_dir / "output").rglob("*.tmp"))

@@ -1,0 +1,96 @@
+"""Shared fixtures: real PostgreSQL and Redis when present (required when CI is set)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from worker.store import Store
+
+#: Set in CI: a missing service is then a failure, not a skip.
+CI = bool(os.environ.get("CI"))
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def require(service: str, error: BaseException) -> None:
+    """Skip when a service is absent locally; fail in CI, where every service must be up."""
+    if CI:
+        raise RuntimeError(f"{service} is required in CI: {error}") from error
+    pytest.skip(f"{service} not available: {error}")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
+    name = f"quarry_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any failure means "no PostgreSQL here"
+        admin.dispose()
+        require("PostgreSQL", exc)
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    store = Store(url)
+    store.upgrade()
+    store.close()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis server's URL, after a PING."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        require("Redis", exc)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A new embedded store file, migrated to head."""
+    url = f"sqlite:///{tmp_path / 'quarry.db'}"
+    store = Store(url)
+    store.upgrade()
+    store.close()
+    return url
+
+
+def truncate(url: str) -> None:
+    """Empty every Quarry table of a PostgreSQL test database."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE runs, log_entries, telemetry_samples RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The store on each backend: the behaviour suite runs once per database."""
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+    else:
+        url = request.getfixturevalue("pg_url")
+        truncate(url)
+    instance = Store(url)
+    yield instance
+    instance.close()
