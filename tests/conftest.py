@@ -37,7 +37,7 @@ def pg_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001 - any failure means "no PostgreSQL here"
+    except Exception as exc:
         admin.dispose()
         require("PostgreSQL", exc)
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
@@ -58,7 +58,7 @@ def redis_url() -> str:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:
         client.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         require("Redis", exc)
     finally:
         client.close()

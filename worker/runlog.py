@@ -186,19 +186,22 @@ class StoreSink:
         run_id = event_dict.get("run_id")
         if run_id is None:
             return event_dict
-        event = str(event_dict.get("event", ""))
+        event = event_dict.get("event", "")
+        if type(event) is not str:
+            event = str(event)
         message = event_dict.get("message")
-        text = event if message is None else str(message)
+        text = event if message is None else message if type(message) is str else str(message)
+        # Positional: this runs on every log call of a run.
         entry = NewEntry(
-            run_id=str(run_id),
-            level=_METHOD_LEVEL.get(method, Level.INFO),
-            event=event,
-            message=truncate(text, self.max_message_bytes),
-            occurred_at=datetime.now(UTC),
-            data={k: v for k, v in event_dict.items() if k not in RESERVED_KEYS},
-            worker_id=event_dict.get("worker_id"),
-            attempt=event_dict.get("attempt"),
-            epoch=event_dict.get("epoch"),
+            run_id,
+            _METHOD_LEVEL.get(method, Level.INFO),
+            event,
+            truncate(text, self.max_message_bytes),
+            datetime.now(UTC),
+            {k: v for k, v in event_dict.items() if k not in RESERVED_KEYS},
+            event_dict.get("worker_id"),
+            event_dict.get("attempt"),
+            event_dict.get("epoch"),
         )
         held = getattr(self._held, "entries", None)
         if held is not None:

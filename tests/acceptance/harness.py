@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -103,10 +104,8 @@ class WorkerProcess:
             except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.signal_group(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=10)
         self._log.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -128,5 +129,5 @@ def test_slices_tile_the_range(start: datetime, span_minutes: int, step_minutes:
     assert windows[-1].end == spec.end
     assert [w.index for w in windows] == list(range(1, len(windows) + 1))
     assert all(w.total == len(windows) for w in windows)
-    assert all(a.end == b.start for a, b in zip(windows, windows[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows))
     assert all(w.start < w.end for w in windows)

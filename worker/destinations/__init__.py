@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.destinations.base import Destination, SliceKey, SliceStats, StagedSlice
 from worker.destinations.files import FilesDestination
+from worker.destinations.null import NullDestination
 from worker.errors import ConfigError
 
 
@@ -15,7 +16,12 @@ def build_destination(kind: str, options: Mapping[str, Any], files_root: Path) -
     """A destination of type ``kind``; raises :class:`ConfigError` for an unknown type."""
     if kind == "files":
         return FilesDestination.from_options(options, files_root)
-    msg = f"destination.type: unknown destination {kind!r} (known: files)"
+    if kind == "null":
+        if options:
+            msg = f"destination: the null destination takes no options, got {sorted(options)}"
+            raise ConfigError(msg)
+        return NullDestination()
+    msg = f"destination.type: unknown destination {kind!r} (known: files, null)"
     raise ConfigError(msg)
 
 

@@ -58,6 +58,20 @@ _ENTRY_COLUMNS = (
 )
 
 
+_SQLITE_INSERT = (
+    f"INSERT INTO log_entries ({', '.join(_ENTRY_COLUMNS)}) "  # noqa: S608 - constant columns
+    f"VALUES ({', '.join('?' * len(_ENTRY_COLUMNS))})"
+)
+
+
+def _sqlite_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row as SQLAlchemy's SQLite types store it: JSON text, naive UTC timestamp text."""
+    occurred: datetime = row[7]
+    if occurred.tzinfo is not None:
+        occurred = occurred.astimezone(UTC).replace(tzinfo=None)
+    return (*row[:4], _json_dumps(row[4]), row[5], row[6], occurred.isoformat(" ", "microseconds"))
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
@@ -461,10 +475,9 @@ class Store:
                 for row in rows:
                     copy.write_row((*row[:4], _json_dumps(row[4]), *row[5:]))
             return
-        conn.execute(
-            insert(log_entries),
-            [dict(zip(_ENTRY_COLUMNS, row, strict=True)) for row in rows],
-        )
+        # The driver directly: SQLAlchemy's per-row bind processing would cost more than
+        # the insert. Values are stored exactly as the DateTime and JSON types store them.
+        conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_row(row) for row in rows])
 
     def _order_entries(self, conn: Connection) -> None:
         """Serialise entry-writing commits so ids become visible in increasing order.

@@ -1,0 +1,157 @@
+"""The ``quarry`` CLI, run as a real subprocess: readable output, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from worker.models import Level, NewEntry, Status
+from worker.store import Store
+
+QUARRY = Path(sys.executable).parent / "quarry"
+PIPELINES = """
+[pipelines.demo]
+source = { type = "demo" }
+resources = [{ name = "profiles" }]
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """Environment for an embedded store in a temp dir."""
+    (tmp_path / "pipelines.toml").write_text(PIPELINES)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QUARRY_")}
+    return {
+        **clean,
+        "QUARRY_DATA_DIR": str(tmp_path / "data"),
+        "QUARRY_PIPELINES_FILE": str(tmp_path / "pipelines.toml"),
+        "COLUMNS": "200",
+    }
+
+
+def quarry(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI."""
+    return subprocess.run([str(QUARRY), *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def seeded_store(env: dict[str, str]) -> tuple[Store, str]:
+    """A store with one run and a few entries of each level."""
+    store = Store(f"sqlite:///{Path(env['QUARRY_DATA_DIR']) / 'quarry.db'}")
+    store.upgrade()
+    run = store.create_run("demo")
+    now = datetime.now(UTC)
+    store.append_entries(
+        [
+            NewEntry(run.id, Level.INFO, "resource_started", "Extracting profiles (1/3)", now, {"resource": "profiles"}),
+            NewEntry(run.id, Level.WARNING, "run_interrupted", "SIGTERM received\n10:00:00 [info] forged", now),
+            NewEntry(run.id, Level.ERROR, "run_failed", "Run failed: boom", now),
+        ]
+    )
+    store.transition(run.id, Status.QUEUED, Status.CANCELLED)
+    return store, run.id
+
+
+def test_logs_print_like_the_docs_and_escape_newlines(env: dict[str, str]) -> None:
+    """``quarry logs`` prints ``HH:MM:SS [level] event - message``; a newline cannot forge a line."""
+    _, run_id = seeded_store(env)
+    result = quarry(env, "logs", run_id)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0][8:] == " [info] resource_started - Extracting profiles (1/3)"
+    assert lines[1].endswith("run_interrupted - SIGTERM received\\n10:00:00 [info] forged")
+
+
+def test_logs_level_and_json(env: dict[str, str]) -> None:
+    """``--level warning`` keeps warnings and errors; ``--json`` prints one entry per line."""
+    _, run_id = seeded_store(env)
+    result = quarry(env, "logs", run_id, "--level", "warn", "--json")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in entries] == ["run_interrupted", "run_failed"]
+    assert set(entries[0]) == {"id", "run_id", "level", "event", "message", "data", "worker_id", "attempt", "occurred_at"}
+
+
+def test_runs_list_and_show(env: dict[str, str]) -> None:
+    """Runs list as a table and as JSON; show prints one run."""
+    _, run_id = seeded_store(env)
+    table = quarry(env, "runs", "list")
+    assert run_id in table.stdout
+    assert "cancelled" in table.stdout
+    listed = json.loads(quarry(env, "runs", "list", "--status", "cancelled", "--json").stdout)
+    assert [r["id"] for r in listed] == [run_id]
+    shown = json.loads(quarry(env, "runs", "show", run_id, "--json").stdout)
+    assert shown["status"] == "cancelled"
+
+
+def test_pipelines_list(env: dict[str, str]) -> None:
+    """Pipelines list names the pipeline, its source and resources."""
+    result = quarry(env, "pipelines", "list", "--json")
+    assert json.loads(result.stdout)[0]["name"] == "demo"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("runs", "show", "run_nope"), 1, "no such run: run_nope"),
+        (("logs", "run_nope"), 1, "no such run: run_nope"),
+        (("runs", "trigger", "nope"), 1, "unknown pipeline 'nope'"),
+        (("runs", "trigger", "demo", "--param", "novalue"), 2, "--param: expected KEY=VALUE"),
+        (("runs", "list", "--status", "weird"), 2, "--status: expected one of"),
+        (("logs", "x", "--level", "loud"), 2, "--level: expected one of"),
+    ],
+)
+def test_user_errors_are_one_clear_line(env: dict[str, str], args: tuple[str, ...], code: int, needle: str) -> None:
+    """User errors name the field, exit non-zero, and print no traceback."""
+    seeded_store(env)
+    result = quarry(env, *args)
+    assert result.returncode == code
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_malformed_pipelines_file(env: dict[str, str], tmp_path: Path) -> None:
+    """A broken pipelines file is reported with its path and the field."""
+    (tmp_path / "pipelines.toml").write_text("[pipelines.demo]\nsource = { type = 'demo' }\nresources = [{ nam = 'x' }]\n")
+    result = quarry(env, "pipelines", "list")
+    assert result.returncode == 1
+    assert "pipelines.toml: pipeline 'demo': resources.0.name: Field required" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_is_reported_without_its_password(env: dict[str, str]) -> None:
+    """An unreachable store gives one line, with the DSN's password scrubbed."""
+    env = {**env, "QUARRY_DATABASE_URL": "postgresql+psycopg://quarry:pw-canary-77@127.0.0.1:1/quarry"}
+    result = quarry(env, "runs", "list")
+    assert result.returncode == 1
+    assert "cannot use the store" in result.stderr
+    assert "pw-canary-77" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_broker_cancels_the_run_it_could_not_publish(env: dict[str, str]) -> None:
+    """If the broker cannot take the message, the run is not left queued forever."""
+    store, _ = seeded_store(env)
+    env = {**env, "QUARRY_BROKER_URL": "redis://:pw-canary-88@127.0.0.1:1/0"}
+    result = quarry(env, "runs", "trigger", "demo")
+    assert result.returncode == 1
+    assert "broker unreachable" in result.stderr
+    assert "pw-canary-88" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    newest = store.list_runs(limit=1)[0]
+    assert newest.status is Status.CANCELLED
+    assert newest.error_summary is not None
+    assert "broker unreachable" in newest.error_summary
+
+
+def test_invalid_setting_names_the_variable(env: dict[str, str]) -> None:
+    """A bad QUARRY_* value names the variable."""
+    result = quarry({**env, "QUARRY_LEASE_TTL_SECONDS": "soon"}, "runs", "list")
+    assert result.returncode == 1
+    assert "QUARRY_LEASE_TTL_SECONDS" in result.stderr

@@ -1,0 +1,42 @@
+"""The null destination: counts rows and keeps none. For dry runs and for timing a source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from worker.destinations.base import SliceKey, SliceStats
+from worker.sources.base import Row
+
+
+class NullSlice:
+    """A slice that only counts."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def write(self, rows: Iterable[Row]) -> None:
+        """Count the rows."""
+        self.rows += sum(1 for _ in rows)
+
+    def seal(self) -> SliceStats:
+        """Report the count; nothing is stored."""
+        return SliceStats(rows=self.rows, files=0, bytes=0)
+
+    def publish(self) -> None:
+        """Nothing to publish."""
+
+    def discard(self) -> None:
+        """Nothing to discard."""
+
+
+class NullDestination:
+    """Discards every row."""
+
+    def stage(self, key: SliceKey) -> NullSlice:
+        """A counting slice."""
+        return NullSlice()
+
+    def describe(self) -> dict[str, Any]:
+        """Kind only."""
+        return {"type": "null"}
