@@ -12,7 +12,9 @@ from sqlalchemy import create_engine, text
 from bench import ingest, slices
 from worker.store import Store
 
-PG_ADMIN = os.environ.get("QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN = os.environ.get(
+    "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 RUNS = int(os.environ.get("BENCH_RUNS", "4"))
 PER_RUN = int(os.environ.get("BENCH_PER_RUN", "50000"))
 
@@ -24,7 +26,7 @@ def fresh_pg(name: str) -> str | None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"(no PostgreSQL: {exc.__class__.__name__}; PostgreSQL figures skipped)")
         return None
     finally:
@@ -45,22 +47,42 @@ def main() -> int:
     """Run every benchmark and print a table."""
     total = RUNS * PER_RUN
     tmp = Path(tempfile.mkdtemp(prefix="quarry-bench-"))
-    print(f"Quarry bench — {RUNS} concurrent runs × {PER_RUN:,} entries = {total:,} entries; {os.cpu_count()} cores\n")
+    print(
+        f"Quarry bench — {RUNS} concurrent runs × {PER_RUN:,} entries = {total:,} entries; {os.cpu_count()} cores\n"
+    )
     row("measure", "quarry", "raw baseline", "ratio", "goal")
     row("-" * 58, "-" * 14, "-" * 14, "-" * 8, "-" * 10)
 
     sq = ingest.fresh_sqlite(tmp, "ingest.db")
     raw = ingest.raw_sqlite_executemany(ingest.fresh_sqlite(tmp, "raw.db"), total)
     ours = ingest.ingest_through_quarry(sq, RUNS, PER_RUN)
-    row("ingest entries/s, SQLite (vs executemany 1000/commit)", f"{ours:,.0f}", f"{raw:,.0f}", f"{ours / raw:.0%}", ">= 50%")
+    row(
+        "ingest entries/s, SQLite (vs executemany 1000/commit)",
+        f"{ours:,.0f}",
+        f"{raw:,.0f}",
+        f"{ours / raw:.0%}",
+        ">= 50%",
+    )
 
     pg = fresh_pg("quarry_bench")
     if pg:
         raw_many = ingest.raw_pg_executemany(pg, total)
         raw_copy = ingest.raw_pg_copy(pg, total)
         ours_pg = ingest.ingest_through_quarry(pg, RUNS, PER_RUN)
-        row("ingest entries/s, PostgreSQL (vs COPY 1000/commit)", f"{ours_pg:,.0f}", f"{raw_copy:,.0f}", f"{ours_pg / raw_copy:.0%}", ">= 50%")
-        row("ingest entries/s, PostgreSQL (vs executemany 1000/commit)", f"{ours_pg:,.0f}", f"{raw_many:,.0f}", f"{ours_pg / raw_many:.0%}", "")
+        row(
+            "ingest entries/s, PostgreSQL (vs COPY 1000/commit)",
+            f"{ours_pg:,.0f}",
+            f"{raw_copy:,.0f}",
+            f"{ours_pg / raw_copy:.0%}",
+            ">= 50%",
+        )
+        row(
+            "ingest entries/s, PostgreSQL (vs executemany 1000/commit)",
+            f"{ours_pg:,.0f}",
+            f"{raw_many:,.0f}",
+            f"{ours_pg / raw_many:.0%}",
+            "",
+        )
 
     costs = ingest.log_call_cost()
     base = costs.pop("structlog JSON to a null sink (baseline)")
@@ -68,15 +90,26 @@ def main() -> int:
     for name, value in costs.items():
         row(f"{name}, µs/call", f"{value:.2f}", f"{base:.2f}", f"{value / base:.1f}x", "<= 20 µs")
 
-    for label, url in (("SQLite", ingest.fresh_sqlite(tmp, "slices.db")), ("PostgreSQL", fresh_pg("quarry_bench_slices"))):
+    for label, url in (
+        ("SQLite", ingest.fresh_sqlite(tmp, "slices.db")),
+        ("PostgreSQL", fresh_pg("quarry_bench_slices")),
+    ):
         if url is None:
             continue
         commit = slices.raw_commit_ms(url)
         for destination in ("null", "files"):
             per = slices.runner_per_slice_ms(url, tmp / f"{label}-{destination}", destination)
             goal = "<= 2 ms" if label == "PostgreSQL" and destination == "null" else ""
-            row(f"per-slice overhead ms, {label}, {destination} destination", f"{per:.2f}", f"{commit:.2f}", f"{per / commit:.1f}x", goal)
-    print("\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver")
+            row(
+                f"per-slice overhead ms, {label}, {destination} destination",
+                f"{per:.2f}",
+                f"{commit:.2f}",
+                f"{per / commit:.1f}x",
+                goal,
+            )
+    print(
+        "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import structlog
 
 from worker import runlog
@@ -38,7 +39,13 @@ def _produce(url: str, run_id: str, count: int, start: Any, done: Any) -> None:
     writer.start()
     start.wait()
     for i in range(count):
-        log.info("slice_completed", message=f"Slice {i}/{count}: 8,500 rows", resource="events", slice=i, rows=8500)
+        log.info(
+            "slice_completed",
+            message=f"Slice {i}/{count}: 8,500 rows",
+            resource="events",
+            slice=i,
+            rows=8500,
+        )
     writer.close()
     store.close()
     done.put(run_id)
@@ -70,7 +77,10 @@ def ingest_through_quarry(url: str, runs: int, per_run: int) -> float:
 def _raw_rows(run_id: str, count: int) -> list[tuple[Any, ...]]:
     now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
     data = json.dumps({"resource": "events", "slice": 1, "rows": 8500})
-    return [(run_id, "info", "slice_completed", f"Slice {i}: 8,500 rows", data, "bench", 1, now) for i in range(count)]
+    return [
+        (run_id, "info", "slice_completed", f"Slice {i}: 8,500 rows", data, "bench", 1, now)
+        for i in range(count)
+    ]
 
 
 def raw_sqlite_executemany(url: str, total: int) -> float:
@@ -82,7 +92,7 @@ def raw_sqlite_executemany(url: str, total: int) -> float:
     conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"  # noqa: S608
+    sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
     began = time.perf_counter()
     for i in range(0, total, 1000):
         conn.execute("BEGIN")
@@ -94,8 +104,6 @@ def raw_sqlite_executemany(url: str, total: int) -> float:
 
 
 def _pg_conn(url: str) -> Any:
-    import psycopg
-
     return psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
 
 
@@ -106,7 +114,7 @@ def raw_pg_executemany(url: str, total: int) -> float:
     store.close()
     rows = _raw_rows(run_id, total)
     with _pg_conn(url) as conn:
-        sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"  # noqa: S608
+        sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
         began = time.perf_counter()
         for i in range(0, total, 1000):
             with conn.cursor() as cur:
@@ -154,7 +162,13 @@ def log_call_cost(n: int = 200_000) -> dict[str, float]:
 
     def plain_calls(k: int) -> None:
         for i in range(k):
-            plain.info("slice_completed", message="Slice 1/104: 8,500 rows", resource="events", slice=i, rows=8500)
+            plain.info(
+                "slice_completed",
+                message="Slice 1/104: 8,500 rows",
+                resource="events",
+                slice=i,
+                rows=8500,
+            )
 
     results["structlog JSON to a null sink (baseline)"] = _per_call(plain_calls, n)
     for fmt in ("json", "console"):
@@ -164,7 +178,13 @@ def log_call_cost(n: int = 200_000) -> dict[str, float]:
 
         def quarry_calls(k: int, log: Any = log, writer: EntryWriter = writer) -> None:
             for i in range(k):
-                log.info("slice_completed", message="Slice 1/104: 8,500 rows", resource="events", slice=i, rows=8500)
+                log.info(
+                    "slice_completed",
+                    message="Slice 1/104: 8,500 rows",
+                    resource="events",
+                    slice=i,
+                    rows=8500,
+                )
             writer.take()
 
         results[f"quarry log call, store hand-off + {fmt} stdout"] = _per_call(quarry_calls, n)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from worker import signals
 from worker.runner import Outcome, Runner
@@ -19,7 +22,7 @@ SLICES = 1000
 PIPELINE = """
 [pipelines.empty]
 source = {{ type = "demo", events_per_slice = 0, profiles = 0, lists = 0 }}
-resources = [{{ name = "events", slices = {{ start = "2026-01-01T00:00:00Z", end = "{end}", step = "1h" }} }}]
+resources = [{{ name = "events", slices = {{ start = "2026-01-01T00:00:00Z", end = {end}, step = "1h" }} }}]
 destination = {{ type = "{destination}" }}
 """
 
@@ -28,8 +31,7 @@ def runner_per_slice_ms(url: str, tmp: Path, destination: str) -> float:
     """Milliseconds per empty slice of a real run executed by the runner in-process."""
     tmp.mkdir(parents=True, exist_ok=True)
     pipelines = tmp / f"bench-{destination}.toml"
-    days, hours = divmod(SLICES, 24)
-    end = f"2026-01-{1 + days:02d}T{hours:02d}:00:00Z"
+    end = (datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=SLICES)).isoformat()
     pipelines.write_text(PIPELINE.format(end=end, destination=destination))
     settings = Settings(
         data_dir=tmp / "data",
@@ -72,8 +74,6 @@ def raw_commit_ms(url: str, n: int = 500) -> float:
         elapsed = time.perf_counter() - began
         conn.close()
         return elapsed / n * 1000
-    import psycopg
-
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as pg:
         began = time.perf_counter()
         for _ in range(n):

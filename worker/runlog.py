@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from worker import jsonfmt
 from worker.models import Level, NewEntry
 from worker.scrub import scrubber
 
@@ -246,7 +247,7 @@ def configure(
 ) -> None:
     """Install Quarry's structlog pipeline for this process."""
     renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
+        structlog.processors.JSONRenderer(serializer=jsonfmt.dumps)
         if log_format == "json"
         else render_console
     )

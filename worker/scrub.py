@@ -92,10 +92,7 @@ _TRUSTED_KEYS = frozenset({"run_id", "worker_id", "attempt", "epoch", "event"})
 
 
 def _contains_any(text: str, needles: Iterable[str]) -> bool:
-    for needle in needles:
-        if needle in text:
-            return True
-    return False
+    return any(needle in text for needle in needles)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -37,7 +37,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def quarry(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI."""
-    return subprocess.run([str(QUARRY), *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(QUARRY), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def seeded_store(env: dict[str, str]) -> tuple[Store, str]:
@@ -48,8 +50,21 @@ def seeded_store(env: dict[str, str]) -> tuple[Store, str]:
     now = datetime.now(UTC)
     store.append_entries(
         [
-            NewEntry(run.id, Level.INFO, "resource_started", "Extracting profiles (1/3)", now, {"resource": "profiles"}),
-            NewEntry(run.id, Level.WARNING, "run_interrupted", "SIGTERM received\n10:00:00 [info] forged", now),
+            NewEntry(
+                run.id,
+                Level.INFO,
+                "resource_started",
+                "Extracting profiles (1/3)",
+                now,
+                {"resource": "profiles"},
+            ),
+            NewEntry(
+                run.id,
+                Level.WARNING,
+                "run_interrupted",
+                "SIGTERM received\n10:00:00 [info] forged",
+                now,
+            ),
             NewEntry(run.id, Level.ERROR, "run_failed", "Run failed: boom", now),
         ]
     )
@@ -75,7 +90,17 @@ def test_logs_level_and_json(env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr
     entries = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["event"] for e in entries] == ["run_interrupted", "run_failed"]
-    assert set(entries[0]) == {"id", "run_id", "level", "event", "message", "data", "worker_id", "attempt", "occurred_at"}
+    assert set(entries[0]) == {
+        "id",
+        "run_id",
+        "level",
+        "event",
+        "message",
+        "data",
+        "worker_id",
+        "attempt",
+        "occurred_at",
+    }
 
 
 def test_runs_list_and_show(env: dict[str, str]) -> None:
@@ -107,7 +132,9 @@ def test_pipelines_list(env: dict[str, str]) -> None:
         (("logs", "x", "--level", "loud"), 2, "--level: expected one of"),
     ],
 )
-def test_user_errors_are_one_clear_line(env: dict[str, str], args: tuple[str, ...], code: int, needle: str) -> None:
+def test_user_errors_are_one_clear_line(
+    env: dict[str, str], args: tuple[str, ...], code: int, needle: str
+) -> None:
     """User errors name the field, exit non-zero, and print no traceback."""
     seeded_store(env)
     result = quarry(env, *args)
@@ -118,7 +145,9 @@ def test_user_errors_are_one_clear_line(env: dict[str, str], args: tuple[str, ..
 
 def test_malformed_pipelines_file(env: dict[str, str], tmp_path: Path) -> None:
     """A broken pipelines file is reported with its path and the field."""
-    (tmp_path / "pipelines.toml").write_text("[pipelines.demo]\nsource = { type = 'demo' }\nresources = [{ nam = 'x' }]\n")
+    (tmp_path / "pipelines.toml").write_text(
+        "[pipelines.demo]\nsource = { type = 'demo' }\nresources = [{ nam = 'x' }]\n"
+    )
     result = quarry(env, "pipelines", "list")
     assert result.returncode == 1
     assert "pipelines.toml: pipeline 'demo': resources.0.name: Field required" in result.stderr
@@ -127,7 +156,10 @@ def test_malformed_pipelines_file(env: dict[str, str], tmp_path: Path) -> None:
 
 def test_unreachable_database_is_reported_without_its_password(env: dict[str, str]) -> None:
     """An unreachable store gives one line, with the DSN's password scrubbed."""
-    env = {**env, "QUARRY_DATABASE_URL": "postgresql+psycopg://quarry:pw-canary-77@127.0.0.1:1/quarry"}
+    env = {
+        **env,
+        "QUARRY_DATABASE_URL": "postgresql+psycopg://quarry:pw-canary-77@127.0.0.1:1/quarry",
+    }
     result = quarry(env, "runs", "list")
     assert result.returncode == 1
     assert "cannot use the store" in result.stderr

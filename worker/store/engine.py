@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,10 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
 
+from worker.jsonfmt import dumps
+
 #: How long a SQLite writer waits for the file lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-def _json_dumps(value: Any) -> str:
-    """Serialise JSON columns compactly, keeping non-ASCII text as it is."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def make_engine(url: str, *, immediate: bool = True) -> Engine:
@@ -33,13 +29,13 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
         return create_engine(
             url,
             pool_pre_ping=True,
-            json_serializer=_json_dumps,
+            json_serializer=dumps,
             pool_size=5,
             max_overflow=10,
         )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, json_serializer=_json_dumps, connect_args={"timeout": 30})
+    engine = create_engine(url, json_serializer=dumps, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 
 from worker.errors import IllegalTransition, LeaseLost, RunNotFound
+from worker.jsonfmt import dumps
 from worker.models import (
     TERMINAL,
     Entry,
@@ -40,7 +41,7 @@ from worker.models import (
     can_transition,
 )
 from worker.store import migrate
-from worker.store.engine import _json_dumps, db_epoch, make_engine
+from worker.store.engine import db_epoch, make_engine
 from worker.store.tables import log_entries, runs, telemetry_samples
 
 #: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
@@ -58,18 +59,23 @@ _ENTRY_COLUMNS = (
 )
 
 
+#: Up to this many entries go in one INSERT; more go through COPY.
+SMALL_BATCH = 50
+
 _SQLITE_INSERT = (
     f"INSERT INTO log_entries ({', '.join(_ENTRY_COLUMNS)}) "  # noqa: S608 - constant columns
     f"VALUES ({', '.join('?' * len(_ENTRY_COLUMNS))})"
 )
 
 
-def _sqlite_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row as SQLAlchemy's SQLite types store it: JSON text, naive UTC timestamp text."""
-    occurred: datetime = row[7]
-    if occurred.tzinfo is not None:
-        occurred = occurred.astimezone(UTC).replace(tzinfo=None)
-    return (*row[:4], _json_dumps(row[4]), row[5], row[6], occurred.isoformat(" ", "microseconds"))
+_LEVEL_TEXT = {level: level.value for level in Level}
+
+
+def _utc_text(value: datetime) -> str:
+    """A timestamp as SQLAlchemy's SQLite DateTime stores it: naive UTC, microseconds."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def utcnow() -> datetime:
@@ -448,36 +454,44 @@ class Store:
         return refused
 
     def _insert_entries(self, conn: Connection, entries: Iterable[NewEntry]) -> None:
-        rows = [
-            (
-                e.run_id,
-                e.level.value,
-                e.event,
-                e.message,
-                e.data,
-                e.worker_id,
-                e.attempt,
-                e.occurred_at,
-            )
-            for e in entries
-        ]
-        if not rows:
-            return
-        if self.dialect == "postgresql":
-            self._order_entries(conn)
-            raw = conn.connection.driver_connection
-            assert raw is not None
-            columns = ", ".join(_ENTRY_COLUMNS)
-            with (
-                raw.cursor() as cursor,
-                cursor.copy(f"COPY log_entries ({columns}) FROM STDIN") as copy,
-            ):
-                for row in rows:
-                    copy.write_row((*row[:4], _json_dumps(row[4]), *row[5:]))
-            return
         # The driver directly: SQLAlchemy's per-row bind processing would cost more than
-        # the insert. Values are stored exactly as the DateTime and JSON types store them.
-        conn.exec_driver_sql(_SQLITE_INSERT, [_sqlite_row(row) for row in rows])
+        # the insert itself. Values are stored exactly as the Core column types store them.
+        if self.dialect == "postgresql":
+            rows = [
+                (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+                 e.worker_id, e.attempt, e.occurred_at)
+                for e in entries
+            ]  # fmt: skip
+            if rows:
+                self._insert_pg(conn, rows)
+            return
+        texts = [
+            (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+             e.worker_id, e.attempt, _utc_text(e.occurred_at))
+            for e in entries
+        ]  # fmt: skip
+        if texts:
+            conn.exec_driver_sql(_SQLITE_INSERT, texts)
+
+    def _insert_pg(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        self._order_entries(conn)
+        columns = ", ".join(_ENTRY_COLUMNS)
+        if len(rows) <= SMALL_BATCH:
+            # A slice's two entries: one multi-row INSERT beats COPY's extra messages.
+            values = ", ".join(["(%s, %s, %s, %s, %s::jsonb, %s, %s, %s)"] * len(rows))
+            conn.exec_driver_sql(
+                f"INSERT INTO log_entries ({columns}) VALUES {values}",  # noqa: S608 - constant
+                tuple(value for row in rows for value in row),
+            )
+            return
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with (
+            raw.cursor() as cursor,
+            cursor.copy(f"COPY log_entries ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
 
     def _order_entries(self, conn: Connection) -> None:
         """Serialise entry-writing commits so ids become visible in increasing order.
