@@ -11,7 +11,8 @@ from typing import Any
 
 import psycopg
 
-from worker import signals
+from bench.ingest import NullStream
+from worker import runlog, signals
 from worker.runner import Outcome, Runner
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -41,6 +42,7 @@ def runner_per_slice_ms(url: str, tmp: Path, destination: str) -> float:
         worker_id="bench",
     )
     runtime = Runtime.create(settings)
+    runlog.configure(runtime.sink, log_format="json", stream=NullStream())
     try:
         run = runtime.store.create_run("empty")
         began = time.perf_counter()
