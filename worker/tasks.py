@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import signals as celery_signals
@@ -11,6 +12,7 @@ from worker import signals
 from worker.celery_app import EXECUTE_RUN, app
 from worker.runner import Runner
 from worker.runtime import close_runtime, get_runtime
+from worker.scrub import scrub
 from worker.settings import get_settings
 from worker.store import Store
 
@@ -47,7 +49,15 @@ def prepare_store() -> None:
 
 @celery_signals.worker_init.connect
 def _on_worker_init(**_kwargs: Any) -> None:
-    prepare_store()
+    # Celery logs and swallows exceptions from signal handlers; a worker that cannot
+    # reach its store must not start consuming runs, so exit with a clear line.
+    try:
+        prepare_store()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = f"quarry worker: cannot use the store at {scrub(get_settings().store_url)}: "
+        sys.stderr.write(message + scrub(first) + "\n")
+        raise SystemExit(1) from None
 
 
 @celery_signals.worker_process_init.connect

@@ -195,3 +195,21 @@ def test_worker_whose_lease_was_taken_over_writes_nothing(pg_cluster: Cluster) -
     assert after.checkpoint == run.checkpoint
     assert written_rows(cluster, "slow", run_id) == files_before == expected_rows(cluster, "slow")
     assert temp_files(cluster) == []
+
+
+def test_worker_with_unreachable_store_exits_with_a_clear_line(tmp_path: Path) -> None:
+    """A worker that cannot reach its store refuses to start, names the store, hides the password."""
+    c = Cluster(tmp_path)
+    try:
+        env = {
+            **c.env,
+            "QUARRY_DATABASE_URL": "postgresql+psycopg://quarry:pw-canary-31@127.0.0.1:1/x",
+        }
+        c.env = env
+        w = c.worker("a")
+        assert w.proc.wait(timeout=60) == 1
+        log = w.log()
+        assert "cannot use the store at postgresql+psycopg://quarry:[REDACTED]@127.0.0.1:1/x" in log
+        assert "pw-canary-31" not in log
+    finally:
+        c.close()

@@ -418,6 +418,22 @@ class Store:
             self._insert_entries(conn, entries)
         return True
 
+    def request_cancel(self, run_id: str) -> bool:
+        """Flag a run for cancellation; its holder sees the flag at its next renew.
+
+        Returns False when the run had already ended.
+        """
+        terminal = [status.value for status in TERMINAL]
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.not_in(terminal))
+                .values(cancel_requested=True, updated_at=utcnow())
+            ).rowcount
+        if not changed:
+            self.get_run(run_id)  # raises RunNotFound for an unknown id
+        return bool(changed)
+
     def expire_lease(self, run_id: str) -> None:
         """Mark a run's lease expired now (what a frozen holder's silence amounts to)."""
         with self.engine.begin() as conn:
