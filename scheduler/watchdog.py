@@ -1,10 +1,22 @@
 """The watchdog: pure decisions over run records, and a thin sweep that acts on them.
 
-A ``running`` run whose lease expired on the database clock lost its worker
-(SIGKILL, OOM, a lost machine, a frozen process): it goes back to ``queued``
-with ``attempt + 1`` and a fresh wake-up message, and resumes from its
-checkpoint. The transition is conditional on the stale epoch, so when two
-watchdogs sweep at once exactly one recovers each stale lease.
+- A ``running`` run whose lease expired on the database clock lost its worker
+  (SIGKILL, OOM, a lost machine, a frozen process): back to ``queued`` with
+  ``attempt + 1`` and a fresh wake-up message (``watchdog_recovery``); it
+  resumes from its checkpoint. Attempts exhausted, or a cancel was requested:
+  it ends ``cancelled`` (``watchdog_cancelled``, the reason in
+  ``error_summary``).
+- An ``interrupted`` run (SIGTERM, checkpoint saved, lease released) is
+  re-queued at once with the same attempt (``watchdog_fast_recovery``). The
+  stopping worker calls :func:`fast_recover` itself, so recovery does not
+  wait for the next sweep; the sweep is the safety net.
+- A ``queued`` run that no worker took for ``queued_republish_seconds`` (the
+  broker lost its message: Redis restarted without persistence, FLUSHALL) is
+  re-published (``watchdog_recovery``). A duplicate message is a no-op.
+
+Every action is a conditional transition on the state (and epoch) the
+decision saw, so when two watchdogs sweep at once exactly one acts on each
+stale lease; the loser's transition matches nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from worker.models import Event, Level, NewEntry, Run, Status
 from worker.store import Store
@@ -20,13 +32,18 @@ from worker.store import Store
 #: The worker id watchdog entries carry.
 WATCHDOG_ID = "watchdog"
 
+Publish = Callable[[str], None]
+
 
 class Action(enum.StrEnum):
     """What the watchdog does with a run."""
 
     NONE = "none"
     RECOVER = "recover"
+    FAST_RECOVER = "fast_recover"
+    REPUBLISH = "republish"
     GIVE_UP = "give_up"
+    CANCEL = "cancel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,38 +55,48 @@ class Decision:
     reason: str
 
 
-def is_stale(run: Run, now: float) -> bool:
-    """Whether a running run's lease has expired at database time ``now``."""
+def is_stale(run: Run, db_now: float) -> bool:
+    """Whether a running run's lease has expired at database time ``db_now``."""
     return (
         run.status is Status.RUNNING
         and run.lease_expires_at is not None
-        and run.lease_expires_at < now
+        and run.lease_expires_at < db_now
     )
 
 
-def decide(run: Run, now: float, *, max_attempts: int) -> Decision:
-    """What to do with ``run`` at database time ``now``."""
-    if not is_stale(run, now):
-        return Decision(run, Action.NONE, "lease is live")
-    expired_for = now - (run.lease_expires_at or now)
-    if run.attempt >= max_attempts:
-        return Decision(
-            run,
-            Action.GIVE_UP,
-            f"attempts exhausted ({run.attempt}/{max_attempts}); lease of {run.lease_owner} "
-            f"expired {expired_for:.1f}s ago",
-        )
-    return Decision(
-        run,
-        Action.RECOVER,
-        f"lease of {run.lease_owner} expired {expired_for:.1f}s ago",
-    )
+def decide(
+    run: Run,
+    *,
+    db_now: float,
+    now: datetime,
+    max_attempts: int,
+    republish_after: timedelta,
+) -> Decision:
+    """What to do with ``run``: a pure function of the record and the clocks."""
+    if is_stale(run, db_now):
+        expired_for = db_now - (run.lease_expires_at or db_now)
+        gone = f"lease of {run.lease_owner} expired {expired_for:.1f}s ago"
+        if run.cancel_requested:
+            return Decision(run, Action.CANCEL, f"cancel requested and the owner is gone ({gone})")
+        if run.attempt >= max_attempts:
+            return Decision(
+                run, Action.GIVE_UP, f"attempts exhausted ({run.attempt}/{max_attempts}); {gone}"
+            )
+        return Decision(run, Action.RECOVER, gone)
+    if run.status is Status.INTERRUPTED:
+        if run.cancel_requested:
+            return Decision(run, Action.CANCEL, "cancel requested while interrupted")
+        return Decision(run, Action.FAST_RECOVER, "interrupted by its worker; checkpoint saved")
+    if run.status is Status.QUEUED and now - run.queued_at > republish_after:
+        waited = (now - run.queued_at).total_seconds()
+        return Decision(run, Action.REPUBLISH, f"queued {waited:.0f}s with no worker taking it")
+    return Decision(run, Action.NONE, "nothing to do")
 
 
-def _entry(run: Run, event: Event, level: Level, message: str, **data: object) -> NewEntry:
+def _entry(run: Run, event: Event, message: str, **data: object) -> NewEntry:
     return NewEntry(
         run_id=run.id,
-        level=level,
+        level=Level.WARNING,
         event=event.value,
         message=message,
         occurred_at=datetime.now(UTC),
@@ -79,47 +106,105 @@ def _entry(run: Run, event: Event, level: Level, message: str, **data: object) -
     )
 
 
-def sweep(store: Store, publish: Callable[[str], None], *, max_attempts: int) -> list[Decision]:
-    """Recover or give up every run with an expired lease; returns what was done."""
-    now = store.db_time()
-    done: list[Decision] = []
-    for run in store.expired_runs():
-        decision = decide(run, now, max_attempts=max_attempts)
-        if decision.action is Action.RECOVER:
-            entry = _entry(
-                run,
-                Event.WATCHDOG_RECOVERY,
-                Level.WARNING,
-                f"Recovered stale run: {decision.reason}; attempt {run.attempt + 1}/{max_attempts}",
-                reason=decision.reason,
-                next_attempt=run.attempt + 1,
-            )
-            won = store.transition(
-                run.id,
-                Status.RUNNING,
-                Status.QUEUED,
-                [entry],
-                expected_epoch=run.lease_epoch,
-                bump_attempt=True,
-            )
-            if won:
-                publish(run.id)
-                done.append(decision)
-        elif decision.action is Action.GIVE_UP:
-            entry = _entry(
-                run,
-                Event.WATCHDOG_CANCELLED,
-                Level.WARNING,
-                f"Cancelled abandoned run: {decision.reason}",
-                reason=decision.reason,
-            )
-            if store.transition(
-                run.id,
-                Status.RUNNING,
-                Status.CANCELLED,
-                [entry],
-                expected_epoch=run.lease_epoch,
-                error_summary=decision.reason,
-            ):
-                done.append(decision)
-    return done
+def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int) -> bool:
+    """Carry out one decision; returns whether this call won the transition."""
+    run, reason = decision.run, decision.reason
+    if decision.action is Action.RECOVER:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_RECOVERY,
+            f"Recovered stale run: {reason}; attempt {run.attempt + 1}/{max_attempts}",
+            reason=reason,
+            next_attempt=run.attempt + 1,
+        )
+        won = store.transition(
+            run.id,
+            Status.RUNNING,
+            Status.QUEUED,
+            [entry],
+            expected_epoch=run.lease_epoch,
+            bump_attempt=True,
+        )
+    elif decision.action is Action.FAST_RECOVER:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_FAST_RECOVERY,
+            f"Re-queued interrupted run; it resumes from {_position(run)}",
+            reason=reason,
+            checkpoint=run.checkpoint.get("position"),
+        )
+        won = store.transition(
+            run.id, Status.INTERRUPTED, Status.QUEUED, [entry], expected_epoch=run.lease_epoch
+        )
+    elif decision.action is Action.REPUBLISH:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_RECOVERY,
+            f"Re-published queued run: {reason} (broker message lost?)",
+            reason=reason,
+        )
+        won = store.claim_republish(run.id, run.queued_at, [entry])
+    elif decision.action in {Action.GIVE_UP, Action.CANCEL}:
+        entry = _entry(
+            run, Event.WATCHDOG_CANCELLED, f"Cancelled abandoned run: {reason}", reason=reason
+        )
+        won = store.transition(
+            run.id,
+            run.status,
+            Status.CANCELLED,
+            [entry],
+            expected_epoch=run.lease_epoch,
+            error_summary=reason,
+        )
+        return won
+    else:
+        return False
+    if won:
+        publish(run.id)
+    return won
+
+
+def _position(run: Run) -> str:
+    position = run.checkpoint.get("position") or {}
+    if position.get("slice"):
+        return f"after {position['resource']} slice {position['slice']}"
+    if position.get("resource"):
+        return f"after {position['resource']}"
+    return "the start"
+
+
+def sweep(
+    store: Store,
+    publish: Publish,
+    *,
+    max_attempts: int,
+    republish_after: timedelta = timedelta(seconds=60),
+) -> list[Decision]:
+    """Look at every candidate run once and act; returns the decisions this sweep won."""
+    now = datetime.now(UTC)
+    db_now = store.db_time()
+    won: list[Decision] = []
+    for run in store.watchdog_candidates(queued_before=now - republish_after):
+        decision = decide(
+            run, db_now=db_now, now=now, max_attempts=max_attempts, republish_after=republish_after
+        )
+        if decision.action is not Action.NONE and act(
+            store, decision, publish, max_attempts=max_attempts
+        ):
+            won.append(decision)
+    return won
+
+
+def fast_recover(store: Store, run_id: str, publish: Publish, *, max_attempts: int) -> bool:
+    """Re-queue one interrupted run now (called by the worker that stopped it)."""
+    run = store.get_run(run_id)
+    decision = decide(
+        run,
+        db_now=store.db_time(),
+        now=datetime.now(UTC),
+        max_attempts=max_attempts,
+        republish_after=timedelta.max,
+    )
+    if decision.action not in {Action.FAST_RECOVER, Action.CANCEL}:
+        return False
+    return act(store, decision, publish, max_attempts=max_attempts)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from worker import broker as _broker  # noqa: F401 - registers the embedded transport
 from worker.settings import Settings, get_settings
 
 #: Name of the task that executes a run.
 EXECUTE_RUN = "quarry.execute_run"
+#: Name of the watchdog sweep task.
+WATCHDOG = "quarry.watchdog"
 
 #: Redis redelivers an unacked message after this long. The lease, not the broker,
 #: decides who runs, so a redelivery while the run is alive is a harmless no-op.
@@ -25,6 +28,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT}
     elif broker.startswith("quarry-sqla+"):
         transport = {"polling_interval": 0.2}
+    control = f"{settings.queue}.control"
     return {
         "broker_url": broker,
         "broker_transport_options": transport,
@@ -40,7 +44,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # One run per child at a time, and no run parked behind a long one.
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
-        "task_routes": {EXECUTE_RUN: {"queue": settings.queue}},
+        # The watchdog has its own queue: behind a backlog of runs it would wait for hours.
+        "task_queues": (Queue(settings.queue), Queue(control)),
+        "task_routes": {EXECUTE_RUN: {"queue": settings.queue}, WATCHDOG: {"queue": control}},
+        "beat_schedule": {
+            "quarry-watchdog": {
+                "task": WATCHDOG,
+                "schedule": settings.watchdog_interval_seconds,
+                # A sweep no worker took in time is stale; the next one supersedes it.
+                "options": {"queue": control, "expires": settings.watchdog_interval_seconds},
+            }
+        },
+        "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
+        # Worker shutdown, see worker/signals.py and the README's operations section:
+        # SIGTERM (warm) -> runs stop at a safe point; after shutdown_grace_seconds the
+        # worker escalates to a cold shutdown that waits soft_shutdown_seconds at most.
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_seconds,
         # Our structlog pipeline owns stdout; Celery must not wrap it.
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -51,5 +70,5 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("quarry", include=["worker.tasks"])
+app = Celery("quarry", include=["worker.tasks", "scheduler.tasks"])
 app.add_defaults(lambda: celery_config(get_settings()))

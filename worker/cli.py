@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from worker import console as view
+from worker import control
 from worker.errors import ConfigError, QuarryError
 from worker.models import Level, Status
 from worker.pipelines import load_pipelines, plan_slices
@@ -155,27 +156,10 @@ def pipelines_list(
 
 
 def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
-    """Create a queued run and publish its wake-up; a failed publish cancels the run."""
+    """Create a queued run and publish it (see :func:`worker.control.trigger`)."""
     from worker.tasks import publish_run
 
-    settings = get_settings()
-    load_pipelines(settings.pipelines_file)  # a broken file fails here, not in the worker
-    from worker.pipelines import get_pipeline
-
-    get_pipeline(settings.pipelines_file, pipeline)
-    run = store.create_run(pipeline, params)
-    try:
-        publish_run(run.id)
-    except Exception as exc:
-        store.transition(
-            run.id,
-            Status.QUEUED,
-            Status.CANCELLED,
-            error_summary=f"broker unreachable: {type(exc).__name__}",
-        )
-        msg = f"could not publish run {run.id}: broker unreachable ({scrubber.text(str(exc))})"
-        raise QuarryError(msg) from None
-    return run.id
+    return control.trigger(store, get_settings(), publish_run, pipeline, params).id
 
 
 @runs_app.command("trigger")
@@ -201,6 +185,21 @@ def runs_trigger(
         err.print(f"queued {run_id}, following (Ctrl-C stops following, not the run)")
     run = view.follow(store, run_id, out, as_json=as_json)
     raise typer.Exit(0 if run.status is Status.SUCCEEDED else 1)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Cancel a run: at once if queued or interrupted, at its next heartbeat if running."""
+    run = control.cancel(open_store(), run_id)
+    if as_json:
+        out.print_json(data=view.run_dict(run))
+    elif run.status is Status.CANCELLED:
+        out.print(f"cancelled {run.id}")
+    else:
+        out.print(f"cancel requested for {run.id}; its worker stops at the next heartbeat")
 
 
 @runs_app.command("list")

@@ -121,6 +121,7 @@ class Run:
     error_summary: str | None
     cancel_requested: bool
     created_at: datetime
+    queued_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     #: Attempts (first run + recoveries) before a run is given up.
     max_attempts: int = Field(default=3, ge=1)
+    #: How often beat schedules the watchdog sweep.
+    watchdog_interval_seconds: float = Field(default=10.0, gt=0)
+    #: A run queued this long without a worker taking it is re-published (lost message).
+    queued_republish_seconds: float = Field(default=60.0, gt=0)
+    #: After SIGTERM the worker waits this long for runs to reach a safe point, then
+    #: escalates to Celery's cold shutdown.
+    shutdown_grace_seconds: float = Field(default=20.0, gt=0)
+    #: Celery's soft shutdown (``worker_soft_shutdown_timeout``) during that cold shutdown.
+    soft_shutdown_seconds: float = Field(default=4.0, ge=0)
     #: stdout rendering of log events.
     log_format: Literal["console", "json"] = "console"
     #: Lowest level rendered and stored.

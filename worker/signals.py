@@ -1,13 +1,19 @@
-"""SIGTERM, and nothing else: the handler sets a flag that the runner checks at safe points.
+"""SIGTERM, and nothing else.
 
-Raising from a signal handler could land in the middle of a COMMIT, so the
-handler never raises; the runner stops between pages instead.
+In a pool child the handler sets a flag that the runner checks at safe points:
+raising from a signal handler could land in the middle of a COMMIT, so it never
+raises; the run stops between pages instead. In the worker's main process,
+Celery's warm shutdown is extended to forward SIGTERM to the pool children and
+to escalate to a cold shutdown if they have not finished by a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 
@@ -51,3 +57,46 @@ def install(signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> None:
     """Make the given signals set the stop flag in this process."""
     for sig in signals:
         signal.signal(sig, _on_sigterm)
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The direct children of ``pid`` (this process by default), from /proc."""
+    pid = pid or os.getpid()
+    found: list[int] = []
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(p) for p in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return sorted(set(found))
+
+
+def forward_to_children(sig: signal.Signals = signal.SIGTERM) -> list[int]:
+    """Send ``sig`` to every child of this process (the pool); returns their pids.
+
+    Celery's warm shutdown only stops the main process from taking new work and
+    waits for running tasks; a run would go on to the end of a 45-minute slice.
+    Forwarding SIGTERM makes each child's run stop at its next page instead.
+    """
+    sent = []
+    for pid in child_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            sent.append(pid)
+    return sent
+
+
+def arm_deadline(seconds: float, sig: signal.Signals = signal.SIGQUIT) -> threading.Timer:
+    """Send ``sig`` to this process after ``seconds`` unless it has exited by then.
+
+    The escalation for a run stuck inside one page (a hung socket): SIGQUIT is
+    Celery's cold shutdown, which cancels the task and exits, still inside the
+    orchestrator's grace period.
+    """
+    pid = os.getpid()
+    timer = threading.Timer(seconds, lambda: os.kill(pid, sig))
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Any
 
 from celery import signals as celery_signals
 
+from scheduler.watchdog import fast_recover
 from worker import signals
 from worker.celery_app import EXECUTE_RUN, app
-from worker.runner import Runner
+from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime
 from worker.scrub import scrub
 from worker.settings import get_settings
@@ -22,8 +24,23 @@ log = logging.getLogger("quarry.worker")
 @app.task(name=EXECUTE_RUN, ignore_result=True)
 def execute_run(run_id: str) -> str:
     """Execute one run; a delivery for a run someone else holds returns ``skipped``."""
+    # billiard installs, after worker_process_init, a SIGTERM handler that raises
+    # SystemExit wherever the child happens to be (inside a COMMIT, say). Ours only
+    # sets a flag; install it here, where nothing can replace it before the run.
+    signals.install()
     signals.stop_flag.clear()
-    return Runner(get_runtime(), signals.stop_flag).execute(run_id).value
+    runtime = get_runtime()
+    outcome = Runner(runtime, signals.stop_flag).execute(run_id)
+    if outcome is Outcome.INTERRUPTED:
+        # Wake the watchdog now rather than at its next sweep: another worker
+        # resumes the run within seconds of this one stopping.
+        try:
+            fast_recover(
+                runtime.store, run_id, publish_run, max_attempts=runtime.settings.max_attempts
+            )
+        except Exception:
+            log.warning("fast recovery of %s failed; the watchdog will retry", run_id)
+    return outcome.value
 
 
 def publish_run(run_id: str) -> None:
@@ -60,9 +77,16 @@ def _on_worker_init(**_kwargs: Any) -> None:
         raise SystemExit(1) from None
 
 
+@celery_signals.worker_shutting_down.connect
+def _on_shutting_down(how: str = "Warm", **_kwargs: Any) -> None:
+    # Runs in the main process, inside Celery's SIGTERM/SIGQUIT handler.
+    signals.forward_to_children(signal.SIGTERM)
+    if how == "Warm":
+        signals.arm_deadline(get_settings().shutdown_grace_seconds)
+
+
 @celery_signals.worker_process_init.connect
 def _on_process_init(**_kwargs: Any) -> None:
-    signals.install()
     get_runtime()
 
 

@@ -21,6 +21,7 @@ from worker.celery_app import EXECUTE_RUN, celery_config
 from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
 from worker.settings import Settings
+from worker.signals import child_pids
 from worker.sources.demo import DemoSource
 from worker.store import Store
 
@@ -58,33 +59,32 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> 
 
 
 class WorkerProcess:
-    """One ``celery -A worker worker`` in its own process group."""
+    """One ``celery -A worker worker`` (or ``beat``) in its own process group."""
 
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path, *, beat: bool = False) -> None:
         self.name = name
-        self.log_path = log_dir / f"worker-{name}.log"
+        self.log_path = log_dir / f"{'beat' if beat else 'worker'}-{name}.log"
         self._log = self.log_path.open("wb")
+        if beat:
+            schedule = log_dir / f"beat-{name}.schedule"
+            argv = ["beat", "--loglevel", "info", "--schedule", str(schedule)]
+        else:
+            argv = [
+                "worker", "--concurrency", "1", "--hostname", f"{name}-{secrets.token_hex(3)}@%h",
+                "--without-mingle", "--without-gossip", "--loglevel", "info",
+            ]  # fmt: skip
         self.proc = subprocess.Popen(
-            [
-                str(CELERY),
-                "-A",
-                "worker",
-                "worker",
-                "--concurrency",
-                "1",
-                "--hostname",
-                f"{name}-{secrets.token_hex(3)}@%h",
-                "--without-mingle",
-                "--without-gossip",
-                "--loglevel",
-                "info",
-            ],
+            [str(CELERY), "-A", "worker", *argv],
             cwd=REPO,
             env={**env, "QUARRY_WORKER_ID": name},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def children(self) -> list[int]:
+        """The pool children's pids."""
+        return child_pids(self.proc.pid)
 
     def signal_group(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the worker and its pool children."""
@@ -113,7 +113,14 @@ class WorkerProcess:
 class Cluster:
     """A store, a broker, a pipelines file and the workers started on them."""
 
-    def __init__(self, tmp_path: Path, *, database_url: str = "", broker_url: str = "") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        database_url: str = "",
+        broker_url: str = "",
+        **overrides: str,
+    ) -> None:
         self.data_dir = tmp_path / "data"
         self.data_dir.mkdir()
         self.pipelines_file = tmp_path / "pipelines.toml"
@@ -141,6 +148,10 @@ class Cluster:
             "QUARRY_LEASE_RENEW_SECONDS": "1",
             "QUARRY_TELEMETRY_SAMPLE_SECONDS": "1",
             "QUARRY_LOG_FORMAT": "json",
+            "QUARRY_WATCHDOG_INTERVAL_SECONDS": "1",
+            "QUARRY_QUEUED_REPUBLISH_SECONDS": "4",
+            "QUARRY_SHUTDOWN_GRACE_SECONDS": "15",
+            **{f"QUARRY_{k.upper()}": v for k, v in overrides.items()},
         }
         self.store = Store(self.settings.store_url)
         self.store.upgrade()
@@ -153,6 +164,12 @@ class Cluster:
         w = WorkerProcess(self.env, name, self.tmp_path)
         self.workers.append(w)
         return w
+
+    def beat(self, name: str = "beat") -> WorkerProcess:
+        """Start ``celery -A worker beat`` (the watchdog every second)."""
+        b = WorkerProcess(self.env, name, self.tmp_path, beat=True)
+        self.workers.append(b)
+        return b
 
     def publish(self, run_id: str) -> None:
         """Send ``execute_run(run_id)`` to the cluster's queue."""

@@ -111,6 +111,7 @@ def _run_from_row(row: Any) -> Run:
         error_summary=row.error_summary,
         cancel_requested=bool(row.cancel_requested),
         created_at=_aware(row.created_at) or utcnow(),
+        queued_at=_aware(row.queued_at) or utcnow(),
         started_at=_aware(row.started_at),
         finished_at=_aware(row.finished_at),
         updated_at=_aware(row.updated_at) or utcnow(),
@@ -433,6 +434,48 @@ class Store:
         if not changed:
             self.get_run(run_id)  # raises RunNotFound for an unknown id
         return bool(changed)
+
+    def watchdog_candidates(self, queued_before: datetime, limit: int = 500) -> list[Run]:
+        """Runs the watchdog must look at: expired leases, interrupted, queued too long."""
+        query = (
+            select(runs)
+            .where(
+                or_(
+                    and_(
+                        runs.c.status == Status.RUNNING.value,
+                        runs.c.lease_expires_at < db_epoch(),
+                    ),
+                    runs.c.status == Status.INTERRUPTED.value,
+                    and_(
+                        runs.c.status == Status.QUEUED.value,
+                        runs.c.queued_at < queued_before,
+                    ),
+                )
+            )
+            .order_by(runs.c.queued_at)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [_run_from_row(row) for row in conn.execute(query)]
+
+    def claim_republish(
+        self, run_id: str, queued_at: datetime, entries: Sequence[NewEntry] = ()
+    ) -> bool:
+        """Restart a queued run's clock before re-publishing it; False if another sweep did."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(runs)
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.status == Status.QUEUED.value,
+                    runs.c.queued_at == queued_at,
+                )
+                .values(queued_at=utcnow(), updated_at=utcnow())
+            ).rowcount
+            if changed != 1:
+                return False
+            self._insert_entries(conn, entries)
+        return True
 
     def expire_lease(self, run_id: str) -> None:
         """Mark a run's lease expired now (what a frozen holder's silence amounts to)."""

@@ -1,0 +1,261 @@
+"""Workers stopped every way they get stopped, on Redis + PostgreSQL: real processes, real signals."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from scheduler import watchdog
+from tests.acceptance.harness import (
+    Cluster,
+    WorkerProcess,
+    expected_rows,
+    temp_files,
+    wait_for,
+    written_rows,
+)
+from tests.conftest import require
+from worker import control
+from worker.models import Entry, Status
+
+pytestmark = pytest.mark.acceptance
+
+SLOW_SLICES = 30
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Cluster]:
+    """A Redis + PostgreSQL cluster with a beat running the watchdog every second."""
+    c = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
+    c.beat()
+    yield c
+    c.close()
+
+
+def slice_counts(entries: list[Entry]) -> collections.Counter[int]:
+    """How many times each slice was completed."""
+    return collections.Counter(e.data["slice"] for e in entries if e.event == "slice_completed")
+
+
+def assert_exactly_once(cluster: Cluster, run_id: str) -> list[Entry]:
+    """The run succeeded with every slice completed once and every file written once, intact."""
+    run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    assert run.status is Status.SUCCEEDED, run.error_summary
+    entries = cluster.entries(run_id)
+    assert slice_counts(entries) == {i: 1 for i in range(1, SLOW_SLICES + 1)}
+    assert written_rows(cluster, "slow", run_id) == expected_rows(cluster, "slow")
+    assert temp_files(cluster) == []
+    return entries
+
+
+def interrupted_then_resumed(entries: list[Entry], stopped: str) -> tuple[Entry, Entry]:
+    """The run_interrupted entry of the stopped worker and the lease_acquired that resumed it."""
+    interrupted = [e for e in entries if e.event == "run_interrupted"]
+    assert len(interrupted) == 1, [e.event for e in entries]
+    stop = interrupted[0]
+    assert stop.worker_id == stopped
+    assert stop.level.value == "warning"
+    assert stop.data["checkpoint"]["resource"] == "events"
+    after = [e for e in entries if e.id > stop.id]
+    assert after[0].event == "watchdog_fast_recovery"
+    resumed = next(e for e in after if e.event == "lease_acquired")
+    assert resumed.attempt == stop.attempt  # a graceful stop is not a retry
+    # Nothing from the stopped attempt after its run_interrupted.
+    assert not [e for e in after if e.worker_id == stopped and e.attempt == stop.attempt and e.id < resumed.id]
+    return stop, resumed
+
+
+def start_slow_run(cluster: Cluster, worker: WorkerProcess, slices: int = 3) -> str:
+    """Trigger the slow pipeline and wait until ``worker`` has committed some slices."""
+    run_id = cluster.trigger("slow")
+    wait_for(lambda: cluster.slices_done(run_id) >= slices, f"{slices} committed slices")
+    assert cluster.store.get_run(run_id).lease_owner == worker.name
+    return run_id
+
+
+@pytest.mark.parametrize("delivery", ["main", "group"])
+def test_sigterm_stops_at_a_safe_point_and_resumes_elsewhere(cluster: Cluster, delivery: str) -> None:
+    """SIGTERM to the main process or the whole group: checkpoint, run_interrupted, exit, resume on b."""
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    b = cluster.worker("b")
+    if delivery == "main":
+        a.proc.send_signal(signal.SIGTERM)
+    else:
+        a.signal_group(signal.SIGTERM)
+    assert a.proc.wait(timeout=30) == 0  # exited on its own, long before its run would have ended
+    entries = assert_exactly_once(cluster, run_id)
+    _, resumed = interrupted_then_resumed(entries, "a")
+    assert resumed.worker_id == "b"
+    assert b.proc.poll() is None
+
+
+def test_sigterm_to_one_child_interrupts_only_its_run(cluster: Cluster) -> None:
+    """SIGTERM to a pool child: its run stops at a safe point; the worker lives on and resumes it."""
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    (child,) = a.children()
+    os.kill(child, signal.SIGTERM)
+    entries = assert_exactly_once(cluster, run_id)
+    _, resumed = interrupted_then_resumed(entries, "a")
+    assert resumed.worker_id == "a"
+    assert a.proc.poll() is None
+
+
+@pytest.mark.parametrize("target", ["child", "worker"])
+def test_sigkill_recovers_through_the_watchdog(cluster: Cluster, target: str) -> None:
+    """SIGKILL of a child or of the whole worker: lease expiry, watchdog_recovery, resume, no duplicate."""
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    if target == "child":
+        (child,) = a.children()
+        os.kill(child, signal.SIGKILL)
+    else:
+        a.signal_group(signal.SIGKILL)
+        cluster.worker("b")
+    entries = assert_exactly_once(cluster, run_id)
+    recoveries = [e for e in entries if e.event == "watchdog_recovery"]
+    assert len(recoveries) == 1
+    assert recoveries[0].data["next_attempt"] == 2
+    assert cluster.store.get_run(run_id).attempt == 2
+    assert "run_interrupted" not in [e.event for e in entries]
+
+
+def test_frozen_worker_is_fenced_after_takeover(cluster: Cluster) -> None:
+    """SIGSTOP past the lease, takeover by the watchdog and b, SIGCONT: a writes nothing more."""
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    a.signal_group(signal.SIGSTOP)
+    try:
+        cluster.worker("b")
+        wait_for(
+            lambda: any(e.event == "lease_acquired" and e.worker_id == "b" for e in cluster.entries(run_id)),
+            "b to take the run over",
+        )
+        takeover = next(e.id for e in cluster.entries(run_id) if e.event == "watchdog_recovery")
+    finally:
+        a.signal_group(signal.SIGCONT)
+    entries = assert_exactly_once(cluster, run_id)
+    wait_for(lambda: "lease_lost" in a.log(), "the zombie to notice its lease is gone")
+    assert [e for e in cluster.entries(run_id) if e.worker_id == "a" and e.id > takeover] == []
+    assert written_rows(cluster, "slow", run_id) == expected_rows(cluster, "slow")
+    assert len(entries) == len(cluster.entries(run_id))
+
+
+def test_two_watchdogs_recover_each_stale_epoch_once(cluster: Cluster) -> None:
+    """A second beat and eight concurrent sweeps: exactly one recovery per stale lease epoch."""
+    cluster.beat("beat2")
+    runs = [cluster.store.create_run("slow") for _ in range(3)]
+    for run in runs:
+        assert cluster.store.acquire(run.id, "ghost", 1) is not None
+    time.sleep(1.5)  # the ghost holder never renews
+
+    def sweep() -> None:
+        watchdog.sweep(cluster.store, cluster.publish, max_attempts=3, republish_after=timedelta(hours=1))
+
+    threads = [threading.Thread(target=sweep) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cluster.worker("a")
+    for run in runs:
+        cluster.wait_status(run.id, Status.SUCCEEDED)
+        recoveries = [e for e in cluster.entries(run.id) if e.event == "watchdog_recovery"]
+        assert [e.data["previous_epoch"] for e in recoveries] == [1]
+
+
+def test_cancel_while_queued_and_while_running(cluster: Cluster) -> None:
+    """A queued run is cancelled at once; a running one stops at a safe point with run_cancelled."""
+    queued = cluster.store.create_run("slow")  # never published: stays queued
+    assert control.cancel(cluster.store, queued.id).status is Status.CANCELLED
+    assert [e.event for e in cluster.entries(queued.id)] == ["run_cancelled"]
+
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    control.cancel(cluster.store, run_id)
+    run = cluster.wait_status(run_id, Status.CANCELLED, Status.SUCCEEDED)
+    assert run.status is Status.CANCELLED
+    entries = cluster.entries(run_id)
+    assert entries[-1].event == "run_cancelled"
+    assert entries[-1].worker_id == "a"
+    done = run.checkpoint["resources"]["events"]["next_slice"] - 1
+    assert slice_counts(entries) == {i: 1 for i in range(1, done + 1)}
+    time.sleep(2)  # the worker would have gone on writing by now if it could
+    assert cluster.entries(run_id) == entries
+    assert temp_files(cluster) == []
+    with pytest.raises(Exception, match="already ended"):
+        control.cancel(cluster.store, run_id)
+
+
+def test_cancel_of_a_run_whose_worker_died_is_finished_by_the_watchdog(cluster: Cluster) -> None:
+    """Cancel requested, owner dead: the watchdog ends the run cancelled instead of recovering it."""
+    a = cluster.worker("a")
+    run_id = start_slow_run(cluster, a)
+    a.signal_group(signal.SIGKILL)
+    control.cancel(cluster.store, run_id)
+    run = cluster.wait_status(run_id, Status.CANCELLED)
+    last = cluster.entries(run_id)[-1]
+    assert last.event == "watchdog_cancelled"
+    assert "cancel requested" in (run.error_summary or "")
+
+
+def test_attempts_exhausted_end_the_run(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+    """With max_attempts=1, a killed worker's run is given up, not retried."""
+    c = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url, max_attempts="1")
+    try:
+        c.beat()
+        a = c.worker("a")
+        run_id = start_slow_run(c, a)
+        a.signal_group(signal.SIGKILL)
+        run = c.wait_status(run_id, Status.CANCELLED)
+        assert "attempts exhausted (1/1)" in (run.error_summary or "")
+        assert c.entries(run_id)[-1].event == "watchdog_cancelled"
+    finally:
+        c.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_queued_runs_survive_a_redis_restart(tmp_path: Path, pg_url: str) -> None:
+    """Redis restarted without persistence loses the messages; the watchdog re-publishes the runs."""
+    server = shutil.which("redis-server")
+    if server is None:
+        require("redis-server", FileNotFoundError("redis-server"))
+    assert server is not None
+    port = _free_port()
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    c = Cluster(tmp_path, database_url=pg_url, broker_url=f"redis://127.0.0.1:{port}/0")
+    try:
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout.strip() == b"PONG", "redis")
+        run_ids = [c.trigger("small") for _ in range(3)]
+        redis.terminate()
+        redis.wait(timeout=10)
+        redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        c.beat()
+        c.worker("a")
+        for run_id in run_ids:
+            run = c.wait_status(run_id, Status.SUCCEEDED, timeout=120)
+            assert run.status is Status.SUCCEEDED
+            assert "watchdog_recovery" in [e.event for e in c.entries(run_id)]
+            assert written_rows(c, "small", run_id) == expected_rows(c, "small")
+    finally:
+        c.close()
+        redis.terminate()
+        redis.wait(timeout=10)
