@@ -39,6 +39,10 @@ runs_app = typer.Typer(help="Trigger, list, show and cancel runs.", no_args_is_h
 app.add_typer(db_app, name="db")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(runs_app, name="runs")
+tokens_app = typer.Typer(
+    help="API tokens (stored hashed; the secret is shown once).", no_args_is_help=True
+)
+app.add_typer(tokens_app, name="tokens")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -267,6 +271,94 @@ def logs(
     view.follow(
         store, run_id, out, min_level=min_level, event=event, as_json=as_json, follow=follow_
     )
+
+
+# -- API and tokens ---------------------------------------------------------------
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from worker.api import create_app
+
+    open_store().close()  # a missing schema fails here with a clear line
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False)
+
+
+_SCOPE_HELP = "operator, read, or gateway:NAME"
+
+
+def _check_scope(scope: str) -> str:
+    if scope in {"operator", "read"} or (
+        scope.startswith("gateway:") and len(scope) > len("gateway:")
+    ):
+        return scope
+    msg = f"--scope: expected {_SCOPE_HELP}; got {scope!r}"
+    raise UsageError(msg)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    scope: Annotated[str, typer.Option(help=_SCOPE_HELP)],
+    name: Annotated[str, typer.Option(help="A label for people.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a token and print its secret (once: only its hash is stored)."""
+    token, secret = open_store().create_token(_check_scope(scope), name)
+    if as_json:
+        record = {"id": token.id, "scope": token.scope, "name": token.name, "token": secret}
+        print(json.dumps(record))  # noqa: T201 - the one place a secret is meant for stdout
+        return
+    err.print(f"created {token.id} ({token.scope}); the secret below is shown only now:")
+    print(secret)  # noqa: T201 - the one place a secret is meant for stdout
+
+
+@tokens_app.command("list")
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List tokens (never their secrets)."""
+    tokens = open_store().list_tokens()
+    rows = [
+        {
+            "id": t.id,
+            "name": t.name,
+            "scope": t.scope,
+            "created_at": t.created_at.isoformat(),
+            "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+        }
+        for t in tokens
+    ]
+    if as_json:
+        out.print_json(data=rows)
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("id", "name", "scope", "created", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["id"],
+            escape_controls(str(row["name"])),
+            row["scope"],
+            row["created_at"],
+            row["revoked_at"] or "-",
+        )
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID")]) -> None:
+    """Revoke a token; it stops working at once."""
+    if not open_store().revoke_token(token_id):
+        fail(f"no live token {token_id}")
+    out.print(f"revoked {token_id}")
 
 
 # -- demo ---------------------------------------------------------------------

@@ -72,6 +72,7 @@ def run_dict(run: Run) -> dict[str, Any]:
         "status": run.status.value,
         "attempt": run.attempt,
         "params": run.params,
+        "gateway": run.gateway,
         "lease_owner": run.lease_owner,
         "lease_epoch": run.lease_epoch,
         "checkpoint": run.checkpoint,

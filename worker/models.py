@@ -112,6 +112,7 @@ class Run:
     status: Status
     attempt: int
     params: dict[str, Any]
+    gateway: str | None
     lease_owner: str | None
     lease_epoch: int
     lease_expires_at: float | None

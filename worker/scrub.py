@@ -52,6 +52,7 @@ _SHAPES = re.compile(
             r"\bgithub_pat_[A-Za-z0-9_]{20,}\b",
             r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",
             r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{10,}\b",
+            r"\bqry_[A-Za-z0-9_\-]{20,}",
             r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",
             r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
         ]
@@ -81,6 +82,7 @@ _MARKERS = (
     "k_live_",
     "k_test_",
     "eyj",
+    "qry_",
     "private key-----",
     "://",
     *SECRET_KEY_PARTS,

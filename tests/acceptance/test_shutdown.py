@@ -205,6 +205,7 @@ def test_cancel_of_a_run_whose_worker_died_is_finished_by_the_watchdog(cluster: 
     run_id = start_slow_run(cluster, a)
     a.signal_group(signal.SIGKILL)
     control.cancel(cluster.store, run_id)
+    cluster.worker("b")  # the watchdog's sweeps run on workers
     run = cluster.wait_status(run_id, Status.CANCELLED)
     last = cluster.entries(run_id)[-1]
     assert last.event == "watchdog_cancelled"
@@ -219,6 +220,7 @@ def test_attempts_exhausted_end_the_run(tmp_path: Path, pg_url: str, redis_url: 
         a = c.worker("a")
         run_id = start_slow_run(c, a)
         a.signal_group(signal.SIGKILL)
+        c.worker("b")  # the watchdog's sweeps run on workers
         run = c.wait_status(run_id, Status.CANCELLED)
         assert "attempts exhausted (1/1)" in (run.error_summary or "")
         assert c.entries(run_id)[-1].event == "watchdog_cancelled"

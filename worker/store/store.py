@@ -43,6 +43,7 @@ from worker.models import (
 from worker.store import migrate
 from worker.store.engine import db_epoch, make_engine
 from worker.store.tables import log_entries, runs, telemetry_samples
+from worker.store.tokens import TokenQueries
 
 #: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
 ENTRY_ORDER_LOCK = 0x5155_4152_5259  # "QUARRY"
@@ -102,6 +103,7 @@ def _run_from_row(row: Any) -> Run:
         status=Status(row.status),
         attempt=row.attempt,
         params=row.params or {},
+        gateway=row.gateway,
         lease_owner=row.lease_owner,
         lease_epoch=row.lease_epoch,
         lease_expires_at=row.lease_expires_at,
@@ -136,7 +138,7 @@ def _levels_at_least(level: Level) -> list[str]:
     return [lv.value for lv in Level if lv.rank >= level.rank]
 
 
-class Store:
+class Store(TokenQueries):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
     def __init__(self, url: str) -> None:

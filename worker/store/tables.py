@@ -90,3 +90,17 @@ telemetry_samples = Table(
     Index("ix_telemetry_samples_run_id_at", "run_id", "at"),
     sqlite_autoincrement=True,
 )
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    # operator | read | gateway:NAME
+    Column("scope", String(220), nullable=False),
+    # SHA-256 of the secret: a leaked table does not leak usable tokens.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+    Column("last_used_at", Timestamp, nullable=True),
+)

@@ -1,0 +1,112 @@
+"""API tokens in the store: created once (the secret shown once), kept hashed, revocable."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+
+from worker.store.tables import api_tokens
+
+#: Prefix of every token secret, so scanners and the scrubber can recognise one.
+TOKEN_PREFIX = "qry_"  # noqa: S105 - a prefix, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A stored token (never its secret)."""
+
+    id: str
+    name: str
+    scope: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def gateway(self) -> str | None:
+        """The gateway a ``gateway:NAME`` token is limited to."""
+        return self.scope.split(":", 1)[1] if self.scope.startswith("gateway:") else None
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of a token secret, hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _token(row: Any) -> Token:
+    return Token(
+        id=row.id,
+        name=row.name,
+        scope=row.scope,
+        created_at=_aware(row.created_at) or datetime.now(UTC),
+        revoked_at=_aware(row.revoked_at),
+    )
+
+
+class TokenQueries:
+    """The token half of the store interface (mixed into ``Store``)."""
+
+    engine: Engine
+    _reader: Engine
+
+    def create_token(self, scope: str, name: str = "") -> tuple[Token, str]:
+        """Store a new token; returns it and its secret, which is kept nowhere."""
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token_id = f"tok_{secrets.token_hex(6)}"
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(api_tokens).values(
+                    id=token_id,
+                    name=name or scope,
+                    scope=scope,
+                    token_hash=hash_secret(secret),
+                    created_at=datetime.now(UTC),
+                )
+            )
+        return self.get_token(token_id), secret
+
+    def get_token(self, token_id: str) -> Token:
+        """A token by id; raises KeyError."""
+        with self._reader.connect() as conn:
+            row = conn.execute(select(api_tokens).where(api_tokens.c.id == token_id)).first()
+        if row is None:
+            raise KeyError(token_id)
+        return _token(row)
+
+    def list_tokens(self) -> list[Token]:
+        """Every token, newest first."""
+        with self._reader.connect() as conn:
+            rows = conn.execute(select(api_tokens).order_by(api_tokens.c.created_at.desc()))
+            return [_token(row) for row in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token at once; False when it was unknown or already revoked."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(api_tokens)
+                    .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=datetime.now(UTC))
+                ).rowcount
+            )
+
+    def verify_token(self, secret: str) -> Token | None:
+        """The live token whose secret this is, or None."""
+        digest = hash_secret(secret)
+        with self._reader.connect() as conn:
+            row = conn.execute(select(api_tokens).where(api_tokens.c.token_hash == digest)).first()
+        if row is None or row.revoked_at is not None:
+            return None
+        # The lookup is by hash; compare once more in constant time all the same.
+        if not hmac.compare_digest(row.token_hash, digest):
+            return None
+        return _token(row)
