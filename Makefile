@@ -35,5 +35,9 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+## chaos: 20 runs x 50 slices across three workers under random signals and Redis restarts
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .quarry .mypy_cache .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ from worker.store import Store
 PG_ADMIN = os.environ.get(
     "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
+REDIS = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUNS = int(os.environ.get("BENCH_RUNS", "4"))
 PER_RUN = int(os.environ.get("BENCH_PER_RUN", "50000"))
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 from scheduler import watchdog
 from worker.celery_app import WATCHDOG, app
 from worker.runtime import get_runtime
-from worker.tasks import publish_run
+from worker.tasks import publish_resumed
 
 
 @app.task(name=WATCHDOG, ignore_result=True)
@@ -17,7 +17,7 @@ def watchdog_sweep() -> dict[str, int]:
     settings = runtime.settings
     decisions = watchdog.sweep(
         runtime.store,
-        publish_run,
+        publish_resumed,
         max_attempts=settings.max_attempts,
         republish_after=timedelta(seconds=settings.queued_republish_seconds),
     )

@@ -79,7 +79,11 @@ def truncate(url: str) -> None:
     """Empty every Quarry table of a PostgreSQL test database."""
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE runs, log_entries, telemetry_samples, api_tokens RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text(
+                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens RESTART IDENTITY CASCADE"
+            )
+        )
     engine.dispose()
 
 

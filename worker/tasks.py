@@ -11,7 +11,7 @@ from celery import signals as celery_signals
 
 from scheduler.watchdog import fast_recover
 from worker import signals
-from worker.celery_app import EXECUTE_RUN, app
+from worker.celery_app import EXECUTE_RUN, app, send_run
 from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime
 from worker.scrub import scrub
@@ -36,7 +36,7 @@ def execute_run(run_id: str) -> str:
         # resumes the run within seconds of this one stopping.
         try:
             fast_recover(
-                runtime.store, run_id, publish_run, max_attempts=runtime.settings.max_attempts
+                runtime.store, run_id, publish_resumed, max_attempts=runtime.settings.max_attempts
             )
         except Exception:
             log.warning("fast recovery of %s failed; the watchdog will retry", run_id)
@@ -44,8 +44,13 @@ def execute_run(run_id: str) -> str:
 
 
 def publish_run(run_id: str) -> None:
-    """Send the wake-up message for ``run_id`` to the runs queue."""
-    app.send_task(EXECUTE_RUN, args=[run_id], queue=get_settings().queue)
+    """Send the wake-up message of a new run to the runs queue."""
+    send_run(app, get_settings().queue, run_id)
+
+
+def publish_resumed(run_id: str) -> None:
+    """Send the wake-up message of a recovered run, ahead of runs not yet started."""
+    send_run(app, get_settings().queue, run_id, resume=True)
 
 
 def prepare_store() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery_app import EXECUTE_RUN, celery_config
+from worker.celery_app import celery_config, send_run
 from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
 from worker.settings import Settings
@@ -61,7 +61,9 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> 
 class WorkerProcess:
     """One ``celery -A worker worker`` (or ``beat``) in its own process group."""
 
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path, *, beat: bool = False) -> None:
+    def __init__(
+        self, env: dict[str, str], name: str, log_dir: Path, *, beat: bool = False
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{'beat' if beat else 'worker'}-{name}.log"
         self._log = self.log_path.open("wb")
@@ -172,8 +174,12 @@ class Cluster:
         return b
 
     def publish(self, run_id: str) -> None:
-        """Send ``execute_run(run_id)`` to the cluster's queue."""
-        self.app.send_task(EXECUTE_RUN, args=[run_id], queue=self.settings.queue)
+        """Send ``execute_run(run_id)`` to the cluster's queue, as a new run."""
+        send_run(self.app, self.settings.queue, run_id)
+
+    def publish_resumed(self, run_id: str) -> None:
+        """Send ``execute_run(run_id)`` as a resumed run (what the watchdog does)."""
+        send_run(self.app, self.settings.queue, run_id, resume=True)
 
     def trigger(self, pipeline: str, **params: Any) -> str:
         """Create a run and publish it."""

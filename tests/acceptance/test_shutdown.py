@@ -72,7 +72,11 @@ def interrupted_then_resumed(entries: list[Entry], stopped: str) -> tuple[Entry,
     resumed = next(e for e in after if e.event == "lease_acquired")
     assert resumed.attempt == stop.attempt  # a graceful stop is not a retry
     # Nothing from the stopped attempt after its run_interrupted.
-    assert not [e for e in after if e.worker_id == stopped and e.attempt == stop.attempt and e.id < resumed.id]
+    assert not [
+        e
+        for e in after
+        if e.worker_id == stopped and e.attempt == stop.attempt and e.id < resumed.id
+    ]
     return stop, resumed
 
 
@@ -85,7 +89,9 @@ def start_slow_run(cluster: Cluster, worker: WorkerProcess, slices: int = 3) -> 
 
 
 @pytest.mark.parametrize("delivery", ["main", "group"])
-def test_sigterm_stops_at_a_safe_point_and_resumes_elsewhere(cluster: Cluster, delivery: str) -> None:
+def test_sigterm_stops_at_a_safe_point_and_resumes_elsewhere(
+    cluster: Cluster, delivery: str
+) -> None:
     """SIGTERM to the main process or the whole group: checkpoint, run_interrupted, exit, resume on b."""
     a = cluster.worker("a")
     run_id = start_slow_run(cluster, a)
@@ -140,7 +146,9 @@ def test_frozen_worker_is_fenced_after_takeover(cluster: Cluster) -> None:
     try:
         cluster.worker("b")
         wait_for(
-            lambda: any(e.event == "lease_acquired" and e.worker_id == "b" for e in cluster.entries(run_id)),
+            lambda: any(
+                e.event == "lease_acquired" and e.worker_id == "b" for e in cluster.entries(run_id)
+            ),
             "b to take the run over",
         )
         takeover = next(e.id for e in cluster.entries(run_id) if e.event == "watchdog_recovery")
@@ -162,7 +170,12 @@ def test_two_watchdogs_recover_each_stale_epoch_once(cluster: Cluster) -> None:
     time.sleep(1.5)  # the ghost holder never renews
 
     def sweep() -> None:
-        watchdog.sweep(cluster.store, cluster.publish, max_attempts=3, republish_after=timedelta(hours=1))
+        watchdog.sweep(
+            cluster.store,
+            cluster.publish_resumed,
+            max_attempts=3,
+            republish_after=timedelta(hours=1),
+        )
 
     threads = [threading.Thread(target=sweep) for _ in range(8)]
     for t in threads:
@@ -245,7 +258,15 @@ def test_queued_runs_survive_a_redis_restart(tmp_path: Path, pg_url: str) -> Non
     redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     c = Cluster(tmp_path, database_url=pg_url, broker_url=f"redis://127.0.0.1:{port}/0")
     try:
-        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout.strip() == b"PONG", "redis")
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False
+                ).stdout.strip()
+                == b"PONG"
+            ),
+            "redis",
+        )
         run_ids = [c.trigger("small") for _ in range(3)]
         redis.terminate()
         redis.wait(timeout=10)

@@ -106,11 +106,15 @@ def test_runs_list_get_and_404(api: Api) -> None:
     assert [r["id"] for r in listed] == [b.id, a.id]
     only = api.client.get("/api/v1/action-runs", params={"pipeline": "alpha"}, headers=headers)
     assert [r["id"] for r in only.json()["runs"]] == [a.id]
-    assert api.client.get(f"/api/v1/action-runs/{a.id}", headers=headers).json()["status"] == "queued"
+    assert (
+        api.client.get(f"/api/v1/action-runs/{a.id}", headers=headers).json()["status"] == "queued"
+    )
     missing = api.client.get("/api/v1/action-runs/run_nope", headers=headers)
     assert missing.status_code == 404
     assert missing.json() == {"error": {"status": 404, "message": "no run run_nope"}}
-    bad = api.client.get("/api/v1/action-runs", params={"status": "weird", "limit": 0}, headers=headers)
+    bad = api.client.get(
+        "/api/v1/action-runs", params={"status": "weird", "limit": 0}, headers=headers
+    )
     assert bad.status_code == 422
     assert "status" in bad.json()["error"]["message"]
     assert "limit" in bad.json()["error"]["message"]
@@ -124,7 +128,9 @@ def test_gateway_token_sees_only_its_gateway(api: Api) -> None:
     listed = api.client.get("/api/v1/action-runs", headers=headers).json()["runs"]
     assert [r["id"] for r in listed] == [mine.id]
     assert api.client.get(f"/api/v1/action-runs/{other.id}", headers=headers).status_code == 404
-    assert api.client.get(f"/api/v1/action-runs/{other.id}/logs", headers=headers).status_code == 404
+    assert (
+        api.client.get(f"/api/v1/action-runs/{other.id}/logs", headers=headers).status_code == 404
+    )
 
 
 def test_logs_page_by_cursor_without_gap_or_repeat(api: Api) -> None:
@@ -141,7 +147,9 @@ def test_logs_page_by_cursor_without_gap_or_repeat(api: Api) -> None:
     pages = 0
     while True:
         params = {"cursor": cursor} if cursor else {}
-        body = api.client.get(f"/api/v1/action-runs/{run.id}/logs", params=params, headers=headers).json()
+        body = api.client.get(
+            f"/api/v1/action-runs/{run.id}/logs", params=params, headers=headers
+        ).json()
         seen += [e["data"]["i"] for e in body["entries"]]
         pages += 1
         cursor = body["cursor"]
@@ -154,7 +162,19 @@ def test_logs_page_by_cursor_without_gap_or_repeat(api: Api) -> None:
     ).json()["entries"]
     assert [e["level"] for e in warn] == ["warning", "error", "warning", "error", "warning"]
     entry = warn[0]
-    assert set(entry) == {"id", "run_id", "level", "event", "message", "data", "worker_id", "attempt", "occurred_at"}
-    bad = api.client.get(f"/api/v1/action-runs/{run.id}/logs", params={"cursor": "abc"}, headers=headers)
+    assert set(entry) == {
+        "id",
+        "run_id",
+        "level",
+        "event",
+        "message",
+        "data",
+        "worker_id",
+        "attempt",
+        "occurred_at",
+    }
+    bad = api.client.get(
+        f"/api/v1/action-runs/{run.id}/logs", params={"cursor": "abc"}, headers=headers
+    )
     assert bad.status_code == 400
     assert bad.json()["error"]["message"].startswith("cursor:")

@@ -74,7 +74,13 @@ def test_every_command_exists(argv: tuple[str, ...]) -> None:
         sub = rest[:3]
     else:
         sub = [a for a in rest if not a.startswith("-")][:2]
-    result = subprocess.run([str(BIN / program), *sub, "--help"], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [str(BIN / program), *sub, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -112,7 +118,9 @@ def test_single_beat_and_durable_broker() -> None:
     redis = compose()["services"]["redis"]["command"]
     assert redis[redis.index("--appendonly") + 1] == "yes"
     assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction"
-    assert {"postgres", "redis", "api", "worker-1", "worker-2", "beat"} <= set(compose()["services"])
+    assert {"postgres", "redis", "api", "worker-1", "worker-2", "beat"} <= set(
+        compose()["services"]
+    )
 
 
 def test_packaged_pipelines_validate() -> None:
@@ -126,5 +134,9 @@ def test_packaged_pipelines_validate() -> None:
 def test_readme_states_the_deadline_relation() -> None:
     """The README's operations section ties the shutdown to the orchestrators' deadlines."""
     readme = (DEPLOY.parent / "README.md").read_text()
-    for needle in ("terminationGracePeriodSeconds", "TimeoutStopSec", "QUARRY_SHUTDOWN_GRACE_SECONDS"):
+    for needle in (
+        "terminationGracePeriodSeconds",
+        "TimeoutStopSec",
+        "QUARRY_SHUTDOWN_GRACE_SECONDS",
+    ):
         assert needle in readme
