@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -88,15 +89,32 @@ def forward_to_children(sig: signal.Signals = signal.SIGTERM) -> list[int]:
     return sent
 
 
-def arm_deadline(seconds: float, sig: signal.Signals = signal.SIGQUIT) -> threading.Timer:
-    """Send ``sig`` to this process after ``seconds`` unless it has exited by then.
+def arm_deadline(grace: float, soft: float) -> threading.Timer:
+    """After ``grace`` seconds, SIGKILL the children still running; ``soft`` later, SIGQUIT self.
 
-    The escalation for a run stuck inside one page (a hung socket): SIGQUIT is
-    Celery's cold shutdown, which cancels the task and exits, still inside the
-    orchestrator's grace period.
+    The escalation for a run stuck inside one page (a hung socket): its child
+    is killed, its lease expires and the watchdog resumes the run elsewhere.
+    A forwarded SIGTERM cannot do this (it only sets the flag), and billiard's
+    own terminate sends SIGTERM too. SIGQUIT then makes Celery's cold shutdown
+    finish whatever else is left, well inside the orchestrator's kill deadline.
     """
     pid = os.getpid()
-    timer = threading.Timer(seconds, lambda: os.kill(pid, sig))
+
+    def escalate() -> None:
+        stuck = child_pids(pid)
+        if stuck:
+            sys.stderr.write(
+                f"quarry: runs did not reach a safe point within {grace:.0f}s; killing pool "
+                f"children {stuck} (their leases expire and the watchdog resumes them)\n"
+            )
+        for child in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        last = threading.Timer(soft, lambda: os.kill(pid, signal.SIGQUIT))
+        last.daemon = True
+        last.start()
+
+    timer = threading.Timer(grace, escalate)
     timer.daemon = True
     timer.start()
     return timer

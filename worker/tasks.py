@@ -87,7 +87,8 @@ def _on_shutting_down(how: str = "Warm", **_kwargs: Any) -> None:
     # Runs in the main process, inside Celery's SIGTERM/SIGQUIT handler.
     signals.forward_to_children(signal.SIGTERM)
     if how == "Warm":
-        signals.arm_deadline(get_settings().shutdown_grace_seconds)
+        settings = get_settings()
+        signals.arm_deadline(settings.shutdown_grace_seconds, settings.soft_shutdown_seconds)
 
 
 @celery_signals.worker_process_init.connect

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery
 
+from tests.conftest import truncate
 from worker.celery_app import celery_config, send_run
 from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
@@ -157,6 +158,8 @@ class Cluster:
         }
         self.store = Store(self.settings.store_url)
         self.store.upgrade()
+        if database_url.startswith("postgresql"):
+            truncate(database_url)  # the session's database is shared: start from nothing
         self.app = Celery("quarry-test")
         self.app.conf.update(celery_config(self.settings))
         self.workers: list[WorkerProcess] = []

@@ -282,3 +282,29 @@ def test_queued_runs_survive_a_redis_restart(tmp_path: Path, pg_url: str) -> Non
         c.close()
         redis.terminate()
         redis.wait(timeout=10)
+
+
+def test_a_run_stuck_in_a_page_cannot_hold_up_shutdown(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    """A page that hangs: after the grace the child is killed, the worker exits, the run is recovered."""
+    c = Cluster(
+        tmp_path, database_url=pg_url, broker_url=redis_url,
+        shutdown_grace_seconds="2", soft_shutdown_seconds="1",
+    )  # fmt: skip
+    try:
+        c.beat()
+        a = c.worker("a")
+        run_id = c.trigger("slow", page_latency_ms=120_000)  # one page takes two minutes
+        wait_for(lambda: c.store.get_run(run_id).lease_owner == "a", "a to take the run")
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(timeout=40)
+        assert "did not reach a safe point within 2s" in a.log()
+        c.worker("b")  # runs the watchdog's sweeps
+        wait_for(
+            lambda: any(e.event == "watchdog_recovery" for e in c.entries(run_id)),
+            "the watchdog to recover the run of the killed child",
+        )
+        assert "run_interrupted" not in [e.event for e in c.entries(run_id)]
+    finally:
+        c.close()

@@ -187,3 +187,16 @@ def test_invalid_setting_names_the_variable(env: dict[str, str]) -> None:
     result = quarry({**env, "QUARRY_LEASE_TTL_SECONDS": "soon"}, "runs", "list")
     assert result.returncode == 1
     assert "QUARRY_LEASE_TTL_SECONDS" in result.stderr
+
+
+def test_cancel_a_queued_run_then_refuse_a_second_cancel(env: dict[str, str]) -> None:
+    """``runs cancel`` ends a queued run at once; cancelling an ended run is a clear error."""
+    store, _ = seeded_store(env)
+    run = store.create_run("demo")
+    result = quarry(env, "runs", "cancel", run.id)
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled {run.id}" in result.stdout
+    assert store.get_run(run.id).status is Status.CANCELLED
+    again = quarry(env, "runs", "cancel", run.id)
+    assert again.returncode == 1
+    assert "already ended (cancelled)" in again.stderr

@@ -16,6 +16,14 @@ from worker.jsonfmt import dumps
 #: How long a SQLite writer waits for the file lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: PostgreSQL ends a session that sits inside a transaction this long. Quarry's
+#: transactions are milliseconds; a frozen worker (SIGSTOP, a VM pause) caught
+#: mid-transaction would otherwise hold its run's row lock — and the entry-order
+#: lock every log write needs — until it wakes. Keep it well under the lease TTL.
+PG_IDLE_IN_TRANSACTION_MS = 5_000
+#: And a statement (a COPY whose client froze half-way) at most this long.
+PG_STATEMENT_TIMEOUT_MS = 30_000
+
 
 def make_engine(url: str, *, immediate: bool = True) -> Engine:
     """An engine for ``url``; on SQLite, transactions take the write lock at BEGIN.
@@ -26,8 +34,13 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        options = (
+            f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS} "
+            f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
+        )
         return create_engine(
             url,
+            connect_args={"options": options},
             pool_pre_ping=True,
             json_serializer=dumps,
             pool_size=5,
