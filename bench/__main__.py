@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from bench import ingest, slices
+from bench import ingest, recovery, slices
 from worker.store import Store
 
 PG_ADMIN = os.environ.get(
     "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
+REDIS = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUNS = int(os.environ.get("BENCH_RUNS", "4"))
 PER_RUN = int(os.environ.get("BENCH_PER_RUN", "50000"))
@@ -111,7 +113,34 @@ def main() -> int:
     print(
         "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
     )
+    pg_rec = fresh_pg("quarry_bench_recovery")
+    if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
+        recovery_rows(pg_rec)
     return 0
+
+
+def recovery_rows(url: str) -> None:
+    """Recovery times on real workers, against plain dispatch latency."""
+    print(
+        f"\nrecovery on real workers, Redis + PostgreSQL (lease TTL {recovery.TTL:.0f}s, "
+        f"renew {recovery.RENEW:.0f}s, watchdog every {recovery.PERIOD:.0f}s)"
+    )
+    times = recovery.measure(url, REDIS)
+    dispatch = statistics.median(times["dispatch"])
+    print(
+        f"{'publish -> lease_acquired on an idle worker (baseline)':<58} {recovery.summary(times['dispatch'])}"
+    )
+    goals = {
+        "sigterm_resume": ("SIGTERM -> resumed on another worker", "goal p50 <= 3 s"),
+        "sigterm_exit": ("SIGTERM -> worker process exited", "goal <= 5 s"),
+        "sigkill_resume": (
+            "SIGKILL -> resumed",
+            f"goal <= TTL + watchdog + 5 s = {recovery.TTL + recovery.PERIOD + 5:.0f} s",
+        ),
+    }
+    for key, (label, goal) in goals.items():
+        ratio = statistics.median(times[key]) / dispatch
+        print(f"{label:<58} {recovery.summary(times[key])}  ({ratio:.0f}x dispatch; {goal})")
 
 
 if __name__ == "__main__":
