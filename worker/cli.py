@@ -140,20 +140,21 @@ def pipelines_list(
     if as_json:
         out.print_json(data=rows)
         return
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("pipeline", "source", "destination", "resources", "description"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row["name"],
-            row["source"],
-            row["destination"],
-            ", ".join(row["resources"]),
-            row["description"],
+    out.print(
+        view.plain_table(
+            ("pipeline", "source", "destination", "resources", "description"),
+            [
+                (
+                    r["name"],
+                    r["source"],
+                    r["destination"],
+                    ", ".join(r["resources"]),
+                    r["description"],
+                )
+                for r in rows
+            ],
         )
-    out.print(table)
+    )
 
 
 # -- runs ---------------------------------------------------------------------
@@ -337,20 +338,15 @@ def tokens_list(
     if as_json:
         out.print_json(data=rows)
         return
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("id", "name", "scope", "created", "revoked"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row["id"],
-            escape_controls(str(row["name"])),
-            row["scope"],
-            row["created_at"],
-            row["revoked_at"] or "-",
+    out.print(
+        view.plain_table(
+            ("id", "name", "scope", "created", "revoked"),
+            [
+                (r["id"], str(r["name"]), r["scope"], r["created_at"], r["revoked_at"] or "-")
+                for r in rows
+            ],
         )
-    out.print(table)
+    )
 
 
 @tokens_app.command("revoke")

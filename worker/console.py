@@ -90,6 +90,16 @@ def status_text(status: Status) -> Text:
     return Text(status.value, style=_STATUS_STYLE.get(status, ""))
 
 
+def plain_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    """A borderless table; every cell's control characters escaped."""
+    table = Table(show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape_controls(cell) for cell in row))
+    return table
+
+
 def runs_table(runs: list[Run]) -> Table:
     """Runs as a table."""
     table = Table(show_edge=False, header_style="bold")

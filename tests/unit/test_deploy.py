@@ -127,8 +127,10 @@ def test_packaged_pipelines_validate() -> None:
     """The pipelines file shipped in the Kubernetes ConfigMap is valid."""
     cm = next(d for d in k8s() if d["metadata"]["name"] == "quarry-pipelines")
     document = tomllib.loads(cm["data"]["pipelines.toml"])
-    for name, body in document["pipelines"].items():
-        Pipeline.model_validate({"name": name, **body})
+    pipelines = [
+        Pipeline.model_validate({"name": n, **b}) for n, b in document["pipelines"].items()
+    ]
+    assert [p.name for p in pipelines] == ["demo"]
 
 
 def test_readme_states_the_deadline_relation() -> None:

@@ -83,7 +83,8 @@ def test_cancel_request_is_seen(leased: tuple[Store, Lease, EntryWriter]) -> Non
     beat = Heartbeat(store, lease, FAST, Telemetry(1), runlog.get_logger())
     beat.start()
     try:
-        store.request_cancel(lease.run_id)
+        assert store.request_cancel(lease.run_id)
         wait_for(beat.cancel_requested.is_set, "the cancel request to be seen", 30)
+        assert not beat.lost.is_set()
     finally:
         beat.stop()

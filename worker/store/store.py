@@ -303,15 +303,14 @@ class Store(TokenQueries):
         does (publishing a slice file) cannot race a takeover.
         """
         values: dict[str, Any] = {"updated_at": utcnow()}
-        if checkpoint is not None:
-            values["checkpoint"] = checkpoint
-        if summary is not None:
-            values["telemetry_summary"] = summary
-        with self.engine.begin() as conn:
-            self._fence(conn, lease, values, order_entries=bool(entries))
-            self._insert_entries(conn, entries, ordered=True)
-            if before_commit is not None:
-                before_commit()
+        self._fenced_write(
+            lease,
+            values,
+            entries,
+            checkpoint=checkpoint,
+            summary=summary,
+            before_commit=before_commit,
+        )
 
     def finish(
         self,
@@ -337,6 +336,19 @@ class Store(TokenQueries):
             values["finished_at"] = now
         if error_summary is not None:
             values["error_summary"] = error_summary
+        self._fenced_write(lease, values, entries, checkpoint=checkpoint, summary=summary)
+
+    def _fenced_write(
+        self,
+        lease: Lease,
+        values: dict[str, Any],
+        entries: Sequence[NewEntry],
+        *,
+        checkpoint: dict[str, Any] | None,
+        summary: dict[str, Any] | None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """Fence, write the run row's ``values`` and the entries, then ``before_commit``."""
         if checkpoint is not None:
             values["checkpoint"] = checkpoint
         if summary is not None:
@@ -344,6 +356,8 @@ class Store(TokenQueries):
         with self.engine.begin() as conn:
             self._fence(conn, lease, values, order_entries=bool(entries))
             self._insert_entries(conn, entries, ordered=True)
+            if before_commit is not None:
+                before_commit()
 
     def _fence(
         self,
