@@ -325,7 +325,7 @@ def tokens_list(
 ) -> None:
     """List tokens (never their secrets)."""
     tokens = open_store().list_tokens()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": t.id,
             "name": t.name,
