@@ -1,30 +1,41 @@
 """The HTTP API (FastAPI): runs and their logs over the store, behind bearer tokens.
 
 Every error is JSON: ``{"error": {"status": 404, "message": "…"}}``.
+Scopes: ``operator`` may do everything; ``read`` only reads; ``gateway:NAME``
+reads only runs targeted at gateway NAME (any other run is a 404).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker import console
-from worker.errors import RunNotFound
+from worker import console, control, stream
+from worker.errors import ConfigError, IllegalTransition, QuarryError, RunNotFound, UnknownPipeline
 from worker.models import Level, Run, Status
+from worker.notify import Publisher, Wakeups
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
 from worker.store.tokens import Token
+from worker.tasks import publish_run
 
 #: Most entries one page of logs returns.
 MAX_PAGE = 1000
+#: Largest request body accepted.
+MAX_BODY_BYTES = 1024 * 1024
+#: Keep-alive comment interval on streams, seconds.
+STREAM_PING_SECONDS = 15
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -53,10 +64,62 @@ def _authenticated(
     token = _store(request).verify_token(credentials.credentials)
     if token is None:
         raise HTTPException(401, "invalid or revoked token")
+    request.state.secret = credentials.credentials
     return token
 
 
 TokenDep = Annotated[Token, Depends(_authenticated)]
+
+
+def _operator(token: TokenDep) -> Token:
+    if token.scope != "operator":
+        raise HTTPException(
+            403, f"this needs an operator token; this token's scope is {token.scope}"
+        )
+    return token
+
+
+OperatorDep = Annotated[Token, Depends(_operator)]
+
+
+def parse_time(field: str, value: str | None) -> datetime | None:
+    """``from`` / ``to`` as Unix milliseconds or ISO 8601, in UTC."""
+    if value is None or value == "":
+        return None
+    try:
+        if value.lstrip("-").isdigit():
+            return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        msg = f"{field}: expected Unix milliseconds or ISO 8601, got {value!r}"
+        raise HTTPException(400, msg) from None
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_cursor(value: str | None) -> int:
+    """A cursor this API returned (the last entry id), or 0 for the start."""
+    if not value:
+        return 0
+    if not value.isdigit() or len(value) > 18:
+        raise HTTPException(400, f"cursor: not a cursor this API returned: {value!r}")
+    return int(value)
+
+
+def parse_level(value: str | None) -> Level | None:
+    """``level``: error; warning (= warnings and errors); info; debug."""
+    try:
+        return Level.parse(value) if value else None
+    except ValueError:
+        raise HTTPException(400, f"level: expected info, warning or error, got {value!r}") from None
+
+
+class TriggerBody(BaseModel):
+    """``POST /api/v1/action-runs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - routes read best together
@@ -66,12 +129,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = Store(settings.store_url)
+        app.state.wakeups = None
+        if settings.notify_url:
+            app.state.store.on_entries = Publisher(settings.notify_url)
+            app.state.wakeups = Wakeups(settings.notify_url)
+            await app.state.wakeups.start()
         try:
             yield
         finally:
+            if app.state.wakeups is not None:
+                await app.state.wakeups.stop()
             app.state.store.close()
 
     app = FastAPI(title="Quarry", version="1", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if length is None and request.method in {"POST", "PATCH", "PUT"}:
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -82,9 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        where = {"query", "path", "body"}
+        where = {"query", "path", "body", "header"}
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p not in where)}: {e['msg']}"
+            f"{'.'.join(str(p) for p in e['loc'] if p not in where) or 'body'}: {e['msg']}"
             for e in exc.errors()
         )
         return _error(422, problems)
@@ -129,10 +212,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             runs = [r for r in runs if r.gateway == token.gateway]
         return {"runs": [console.run_dict(r) for r in runs]}
 
+    @app.post("/api/v1/action-runs", status_code=201)
+    def trigger(body: TriggerBody, db: StoreDep, _token: OperatorDep) -> dict[str, Any]:
+        """Queue a run of a pipeline; 201 with the run."""
+        try:
+            run = control.trigger(db, settings, publish_run, body.pipeline, body.params)
+        except QuarryError as exc:
+            raise HTTPException(_status_of(exc), str(exc)) from None
+        return console.run_dict(run)
+
     @app.get("/api/v1/action-runs/{run_id}")
     def get_run(run_id: str, db: StoreDep, token: TokenDep) -> dict[str, Any]:
         """One run."""
         return console.run_dict(visible_run(db, token, run_id))
+
+    @app.post("/api/v1/action-runs/{run_id}/cancel")
+    def cancel(run_id: str, db: StoreDep, token: OperatorDep) -> dict[str, Any]:
+        """Cancel: at once when queued or interrupted, at the next heartbeat when running."""
+        visible_run(db, token, run_id)
+        try:
+            return console.run_dict(control.cancel(db, run_id))
+        except IllegalTransition as exc:
+            raise HTTPException(409, str(exc)) from None
 
     @app.get("/api/v1/action-runs/{run_id}/logs")
     def run_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
@@ -140,27 +241,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         db: StoreDep,
         token: TokenDep,
         level: Annotated[
-            str | None, Query(description="error, or warning = warnings and errors")
+            str | None, Query(description="error; warning = warnings and errors")
         ] = None,
         event: Annotated[str | None, Query(max_length=64)] = None,
+        from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+        to: Annotated[str | None, Query(max_length=40)] = None,
         cursor: Annotated[str | None, Query(max_length=20)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
     ) -> dict[str, Any]:
-        """A run's entries oldest first; ``cursor`` is absent on the last page."""
+        """A run's entries oldest first; ``cursor`` is null on the last page."""
         visible_run(db, token, run_id)
-        try:
-            min_level = Level.parse(level) if level else None
-        except ValueError:
-            raise HTTPException(
-                400, f"level: expected info, warning or error, got {level!r}"
-            ) from None
-        after = 0
-        if cursor:
-            if not cursor.isdigit():
-                raise HTTPException(400, f"cursor: not a cursor this API returned: {cursor!r}")
-            after = int(cursor)
         entries = db.entries(
-            run_id, after_id=after, limit=limit + 1, min_level=min_level, event=event
+            run_id,
+            after_id=parse_cursor(cursor),
+            limit=limit + 1,
+            min_level=parse_level(level),
+            event=event,
+            since=parse_time("from", from_),
+            until=parse_time("to", to),
         )
         page, more = entries[:limit], len(entries) > limit
         return {
@@ -168,4 +266,65 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             "cursor": str(page[-1].id) if more and page else None,
         }
 
+    @app.get("/api/v1/action-runs/{run_id}/logs/stream")
+    async def run_stream(
+        run_id: str,
+        request: Request,
+        db: StoreDep,
+        token: TokenDep,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    ) -> EventSourceResponse:
+        """Server-Sent Events: each entry as it lands; resumes after ``Last-Event-ID``."""
+        visible_run(db, token, run_id)
+        secret: str = request.state.secret
+        events = stream.entry_events(
+            db,
+            run_id,
+            after_id=parse_cursor(last_event_id),
+            wakeups=request.app.state.wakeups,
+            still_authorised=lambda: db.verify_token(secret) is not None,
+            disconnected=request.is_disconnected,
+        )
+        return EventSourceResponse(events, ping=STREAM_PING_SECONDS)
+
+    @app.get("/api/v1/logs")
+    def flat_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
+        db: StoreDep,
+        token: TokenDep,
+        run_id: Annotated[str | None, Query(max_length=64)] = None,
+        pipeline: Annotated[str | None, Query(max_length=200)] = None,
+        event: Annotated[str | None, Query(max_length=64)] = None,
+        worker_id: Annotated[str | None, Query(max_length=200)] = None,
+        from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+        to: Annotated[str | None, Query(max_length=40)] = None,
+        count: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+        cursor: Annotated[str | None, Query(max_length=20)] = None,
+    ) -> dict[str, Any]:
+        """Entries across runs, oldest first; no ``cursor`` in the answer means the end."""
+        if token.gateway is not None:
+            raise HTTPException(403, "the flat view needs an operator or read token")
+        entries = db.entries(
+            run_id,
+            after_id=parse_cursor(cursor),
+            limit=count + 1,
+            event=event,
+            worker_id=worker_id,
+            pipeline=pipeline,
+            since=parse_time("from", from_),
+            until=parse_time("to", to),
+        )
+        page, more = entries[:count], len(entries) > count
+        body: dict[str, Any] = {"entries": [e.as_dict() for e in page]}
+        if more and page:
+            body["cursor"] = str(page[-1].id)
+        return body
+
     return app
+
+
+def _status_of(exc: QuarryError) -> int:
+    if isinstance(exc, UnknownPipeline):
+        return 404
+    if isinstance(exc, ConfigError):
+        return 422
+    return 503

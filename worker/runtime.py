@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from worker import runlog
+from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
 from worker.settings import Settings, get_settings
 from worker.store import Store
@@ -32,6 +33,8 @@ class Runtime:
     def create(cls, settings: Settings) -> Runtime:
         """Open the store, start the writer and install the logging pipeline."""
         store = Store(settings.store_url)
+        if settings.notify_url:
+            store.on_entries = Publisher(settings.notify_url)
         refused: dict[str, set[int]] = {}
 
         def on_refused(pairs: set[tuple[str, int]]) -> None:

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     broker_url: str = ""
     #: The pipelines file (TOML or YAML).
     pipelines_file: Path = Path("pipelines.toml")
+    #: Redis for stream wake-ups; empty means the broker's Redis, if the broker is Redis.
+    redis_url: str = ""
     #: Root of the files destination when a pipeline does not name a path.
     output_dir: Path | None = None
     #: Celery queue that carries ``execute_run``.
@@ -86,6 +88,15 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"quarry-sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def notify_url(self) -> str:
+        """Where stream wake-ups are published: ``redis_url``, else a Redis broker, else none."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return ""
 
     @property
     def files_root(self) -> Path:

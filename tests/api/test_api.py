@@ -51,7 +51,12 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
         url = request.getfixturevalue("pg_url")
         truncate(url)
     port = _free_port()
-    env = {**os.environ, "QUARRY_DATABASE_URL": url, "QUARRY_DATA_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "QUARRY_DATABASE_URL": url,
+        "QUARRY_DATA_DIR": str(tmp_path),
+        "QUARRY_PIPELINES_FILE": str(Path(__file__).resolve().parents[2] / "pipelines.toml"),
+    }
     log = (tmp_path / "api.log").open("wb")
     process = subprocess.Popen(
         [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT

@@ -10,8 +10,10 @@ commit between the check and the writes that follow it in the transaction.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +61,11 @@ _ENTRY_COLUMNS = (
     "occurred_at",
 )
 
+
+_log = logging.getLogger("quarry.store")
+
+#: Key in ``Connection.info`` where a transaction collects the runs it wrote entries for.
+_TOUCHED = "quarry.touched_runs"
 
 #: Up to this many entries go in one INSERT; more go through COPY.
 SMALL_BATCH = 50
@@ -145,10 +152,30 @@ class Store(TokenQueries):
         self.url = url
         self.engine: Engine = make_engine(url)
         self.dialect = self.engine.dialect.name
+        #: Called with the run ids that got new entries, after each commit (stream wake-ups).
+        self.on_entries: Callable[[set[str]], None] | None = None
         # SQLite readers must not take the write lock that writers take at BEGIN.
         self._reader: Engine = (
             make_engine(url, immediate=False) if self.dialect == "sqlite" else self.engine
         )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction; after it commits, ``on_entries`` hears which runs got entries."""
+        touched: set[str] = set()
+        with self.engine.begin() as conn:
+            conn.info[_TOUCHED] = touched
+            try:
+                yield conn
+            finally:
+                conn.info.pop(_TOUCHED, None)
+        if touched and self.on_entries is not None:
+            try:
+                self.on_entries(touched)
+            except Exception:
+                logging.getLogger("quarry.store").warning(
+                    "entry notification failed", exc_info=True
+                )
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -198,7 +225,7 @@ class Store(TokenQueries):
             "queued_at": now,
             "updated_at": now,
         }
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(insert(runs).values(**values))
         return self.get_run(str(values["id"]))
 
@@ -266,7 +293,7 @@ class Store(TokenQueries):
             )
             .returning(runs.c.lease_epoch, runs.c.attempt, runs.c.lease_expires_at)
         )
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             row = conn.execute(stmt).first()
             if row is None:
                 return None
@@ -284,7 +311,7 @@ class Store(TokenQueries):
         }
         if summary is not None:
             values["telemetry_summary"] = summary
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             row = self._fence(conn, lease, values)
         return bool(row.cancel_requested)
 
@@ -353,7 +380,7 @@ class Store(TokenQueries):
             values["checkpoint"] = checkpoint
         if summary is not None:
             values["telemetry_summary"] = summary
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             self._fence(conn, lease, values, order_entries=bool(entries))
             self._insert_entries(conn, entries, ordered=True)
             if before_commit is not None:
@@ -429,7 +456,7 @@ class Store(TokenQueries):
         conditions = [runs.c.id == run_id, runs.c.status == expected.value]
         if expected_epoch is not None:
             conditions.append(runs.c.lease_epoch == expected_epoch)
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             if conn.execute(update(runs).where(and_(*conditions)).values(**values)).rowcount != 1:
                 return False
             self._insert_entries(conn, entries)
@@ -441,7 +468,7 @@ class Store(TokenQueries):
         Returns False when the run had already ended.
         """
         terminal = [status.value for status in TERMINAL]
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             changed = conn.execute(
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.status.not_in(terminal))
@@ -478,7 +505,7 @@ class Store(TokenQueries):
         self, run_id: str, queued_at: datetime, entries: Sequence[NewEntry] = ()
     ) -> bool:
         """Restart a queued run's clock before re-publishing it; False if another sweep did."""
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             changed = conn.execute(
                 update(runs)
                 .where(
@@ -495,7 +522,7 @@ class Store(TokenQueries):
 
     def expire_lease(self, run_id: str) -> None:
         """Mark a run's lease expired now (what a frozen holder's silence amounts to)."""
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(
                 update(runs).where(runs.c.id == run_id).values(lease_expires_at=db_epoch() - 1)
             )
@@ -525,7 +552,7 @@ class Store(TokenQueries):
             if entry.epoch is not None:
                 fenced[(entry.run_id, entry.epoch)] = None
         refused: set[tuple[str, int]] = set()
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             for run_id, epoch in fenced:
                 touched = conn.execute(
                     update(runs)
@@ -542,6 +569,10 @@ class Store(TokenQueries):
         self, conn: Connection, entries: Iterable[NewEntry], *, ordered: bool = False
     ) -> None:
         """Insert entries; ``ordered`` means the entry-order lock is already held."""
+        entries = list(entries)
+        touched = conn.info.get(_TOUCHED)
+        if touched is not None:
+            touched.update(e.run_id for e in entries)
         # The driver directly: SQLAlchemy's per-row bind processing would cost more than
         # the insert itself. Values are stored exactly as the Core column types store them.
         if self.dialect == "postgresql":
@@ -601,8 +632,16 @@ class Store(TokenQueries):
         limit: int = 1000,
         min_level: Level | None = None,
         event: str | None = None,
+        worker_id: str | None = None,
+        pipeline: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[Entry]:
-        """Entries oldest first, after the ``after_id`` cursor, optionally filtered."""
+        """Entries oldest first, after the ``after_id`` cursor, optionally filtered.
+
+        ``since`` and ``until`` bound ``occurred_at`` (both inclusive); ``pipeline``
+        filters through the run. The id is the only order and the only cursor.
+        """
         query = (
             select(log_entries)
             .where(log_entries.c.id > after_id)
@@ -615,6 +654,16 @@ class Store(TokenQueries):
             query = query.where(log_entries.c.level.in_(_levels_at_least(min_level)))
         if event is not None:
             query = query.where(log_entries.c.event == event)
+        if worker_id is not None:
+            query = query.where(log_entries.c.worker_id == worker_id)
+        if since is not None:
+            query = query.where(log_entries.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(log_entries.c.occurred_at <= until)
+        if pipeline is not None:
+            query = query.where(
+                log_entries.c.run_id.in_(select(runs.c.id).where(runs.c.pipeline == pipeline))
+            )
         with self._reader.connect() as conn:
             return [_entry_from_row(row) for row in conn.execute(query)]
 
@@ -633,7 +682,7 @@ class Store(TokenQueries):
         self, run_id: str, values: dict[str, Any], *, at: datetime | None = None, cap: int = 2000
     ) -> None:
         """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(
                 insert(telemetry_samples).values(run_id=run_id, at=at or utcnow(), values=values)
             )

@@ -1,0 +1,125 @@
+"""The live stream with a standard SSE client (httpx-sse), against a real worker's run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests.acceptance.harness import Cluster, wait_for
+from worker import jsonfmt
+from worker.models import Level, NewEntry, Status
+
+QUARRY = Path(sys.executable).parent / "quarry"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(params=["redis", "polling"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_url: str, redis_url: str
+) -> Iterator[tuple[Cluster, str]]:
+    """A Redis + PostgreSQL cluster with one worker and ``quarry serve``; wake-ups by Redis or polling."""
+    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
+    port = _free_port()
+    env = dict(cluster.env)
+    if request.param == "polling":
+        env["QUARRY_BROKER_URL"] = ""  # the API then has no Redis to subscribe to
+        env["QUARRY_REDIS_URL"] = ""
+    log = (tmp_path / "api.log").open("wb")
+    api = subprocess.Popen(
+        [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, "the API", 30)
+    yield cluster, base
+    api.terminate()
+    api.wait(timeout=10)
+    log.close()
+    cluster.close()
+
+
+def read_events(
+    client: httpx.Client, url: str, headers: dict[str, str], stop_after: int | None = None
+) -> list[tuple[int, dict[str, object]]]:
+    """(id, data) of each event until the server closes the stream, or ``stop_after`` events."""
+    got: list[tuple[int, dict[str, object]]] = []
+    with connect_sse(client, "GET", url, headers=headers) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            got.append((int(sse.id), jsonfmt.loads(sse.data)))
+            if stop_after is not None and len(got) >= stop_after:
+                break
+    return got
+
+
+def test_stream_resumes_with_last_event_id_without_gap_or_repeat(
+    served: tuple[Cluster, str],
+) -> None:
+    """Half the events, a reconnect with Last-Event-ID, the rest: every entry once, then the stream closes."""
+    cluster, base = served
+    _, secret = cluster.store.create_token("read")
+    headers = {"Authorization": f"Bearer {secret}"}
+    cluster.worker("a")
+    run_id = cluster.trigger("slow", page_latency_ms=20)
+    url = f"{base}/api/v1/action-runs/{run_id}/logs/stream"
+    with httpx.Client(timeout=60) as client:
+        first = read_events(client, url, headers, stop_after=20)
+        last_id = first[-1][0]
+        rest = read_events(client, url, {**headers, "Last-Event-ID": str(last_id)})
+    events = first + rest
+    ids = [i for i, _ in events]
+    assert ids == sorted(set(ids))  # increasing: no repeat
+    stored = cluster.entries(run_id)
+    assert ids == [e.id for e in stored]  # nothing missing
+    assert events[-1][1]["event"] == "run_completed"
+    assert events[0][1]["event"] == "lease_acquired"
+    assert {"event", "data", "message", "level"} <= set(events[0][1])
+    assert cluster.store.get_run(run_id).status is Status.SUCCEEDED
+
+
+def test_stream_refuses_a_revoked_token_and_carries_hostile_text_as_one_event(
+    served: tuple[Cluster, str],
+) -> None:
+    """A revoked token ends the stream; CR/LF and fake SSE fields inside a message stay one event."""
+    cluster, base = served
+    token, secret = cluster.store.create_token("read")
+    headers = {"Authorization": f"Bearer {secret}"}
+    run = cluster.store.create_run("slow")
+    hostile = "line\r\nid: 999\n\nevent: x\ndata: forged\u2028\x1b[31m"
+    cluster.store.append_entries([NewEntry(run.id, Level.INFO, "note", hostile, datetime.now(UTC))])
+    url = f"{base}/api/v1/action-runs/{run.id}/logs/stream"
+    with httpx.Client(timeout=30) as client:
+        (only,) = read_events(client, url, headers, stop_after=1)
+        assert only[1]["message"] == hostile
+        assert cluster.store.revoke_token(token.id)
+        # The run is still queued, so only the revocation can end this stream.
+        with connect_sse(client, "GET", url, headers=headers) as source:
+            assert source.response.status_code == 401
+    with httpx.Client(timeout=30) as client:
+        _, fresh = cluster.store.create_token("read")
+        fresh_headers = {"Authorization": f"Bearer {fresh}"}
+        with connect_sse(client, "GET", url, headers=fresh_headers) as source:
+            stream = source.iter_sse()
+            assert int(next(stream).id) > 0
+            revoked = cluster.store.list_tokens()[0]
+            assert cluster.store.revoke_token(revoked.id)
+            assert list(stream) == []  # the server ended the stream

@@ -1,0 +1,90 @@
+"""Stream wake-ups over Redis pub/sub: writers announce runs with new entries, streams wake.
+
+Optional: with no Redis configured, streams poll the store. A lost wake-up only
+costs a poll interval, because the store, not the message, is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import redis
+import redis.asyncio as aioredis
+
+#: The pub/sub channel; each message is one run id.
+CHANNEL = "quarry:entries"
+
+log = logging.getLogger("quarry.notify")
+
+
+class Publisher:
+    """Announces, after commit, the runs that got new entries."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+
+    def __call__(self, run_ids: Iterable[str]) -> None:
+        """Publish each run id once."""
+        with self._client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.publish(CHANNEL, run_id)
+            pipe.execute()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+
+class Wakeups:
+    """One subscription per API process, fanned out to the streams of each run."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Subscribe in the background; reconnects after a Redis restart."""
+        self._task = asyncio.create_task(self._listen())
+
+    async def stop(self) -> None:
+        """Unsubscribe."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def register(self, run_id: str) -> asyncio.Event:
+        """An event set whenever ``run_id`` gets entries."""
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        return event
+
+    def unregister(self, run_id: str, event: asyncio.Event) -> None:
+        """Forget a stream's event."""
+        waiters = self._waiters.get(run_id)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[run_id]
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                client = aioredis.Redis.from_url(self._url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        run_id = message["data"].decode()
+                        for event in self._waiters.get(run_id, ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("wake-up subscription lost; retrying", exc_info=True)
+                await asyncio.sleep(1)
