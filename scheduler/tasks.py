@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from scheduler import watchdog
-from worker.celery_app import WATCHDOG, app
+from worker.celery_app import RETENTION, WATCHDOG, app
 from worker.runtime import get_runtime
 from worker.tasks import publish_resumed
 
@@ -25,3 +25,11 @@ def watchdog_sweep() -> dict[str, int]:
     for decision in decisions:
         counts[decision.action.value] = counts.get(decision.action.value, 0) + 1
     return counts
+
+
+@app.task(name=RETENTION, ignore_result=True)
+def retention() -> dict[str, int]:
+    """Delete entries and samples older than ``retention_days``, in small batches."""
+    runtime = get_runtime()
+    cutoff = datetime.now(UTC) - timedelta(days=runtime.settings.retention_days)
+    return runtime.store.delete_older_than(cutoff)

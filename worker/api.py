@@ -287,6 +287,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         )
         return EventSourceResponse(events, ping=STREAM_PING_SECONDS)
 
+    @app.get("/metrics")
+    def metrics(db: StoreDep) -> Response:
+        """Prometheus text format: runs by status, recoveries, entries written, stream clients."""
+        stats = db.stats()
+        lines = [
+            "# HELP quarry_runs Runs in the store by status.",
+            "# TYPE quarry_runs gauge",
+            *(
+                f'quarry_runs{{status="{status.value}"}} {stats["runs"].get(status.value, 0)}'
+                for status in Status
+            ),
+            "# HELP quarry_run_recoveries_total Expired leases recovered by the watchdog.",
+            "# TYPE quarry_run_recoveries_total counter",
+            f"quarry_run_recoveries_total {stats['recoveries']}",
+            "# HELP quarry_log_entries_total Log entries written (the newest entry id).",
+            "# TYPE quarry_log_entries_total counter",
+            f"quarry_log_entries_total {stats['max_entry_id']}",
+            "# HELP quarry_stream_clients Open log streams on this API process.",
+            "# TYPE quarry_stream_clients gauge",
+            f"quarry_stream_clients {stream.CLIENTS.value}",
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     @app.get("/api/v1/logs")
     def flat_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
         db: StoreDep,

@@ -14,6 +14,8 @@ from worker.settings import Settings, get_settings
 EXECUTE_RUN = "quarry.execute_run"
 #: Name of the watchdog sweep task.
 WATCHDOG = "quarry.watchdog"
+#: Name of the retention task.
+RETENTION = "quarry.retention"
 
 #: Redis redelivers an unacked message after this long. The lease, not the broker,
 #: decides who runs, so a redelivery while the run is alive is a harmless no-op.
@@ -46,14 +48,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         # The watchdog has its own queue: behind a backlog of runs it would wait for hours.
         "task_queues": (Queue(settings.queue), Queue(control)),
-        "task_routes": {EXECUTE_RUN: {"queue": settings.queue}, WATCHDOG: {"queue": control}},
+        "task_routes": {
+            EXECUTE_RUN: {"queue": settings.queue},
+            WATCHDOG: {"queue": control},
+            RETENTION: {"queue": control},
+        },
         "beat_schedule": {
             "quarry-watchdog": {
                 "task": WATCHDOG,
                 "schedule": settings.watchdog_interval_seconds,
                 # A sweep no worker took in time is stale; the next one supersedes it.
                 "options": {"queue": control, "expires": settings.watchdog_interval_seconds},
-            }
+            },
+            "quarry-retention": {
+                "task": RETENTION,
+                "schedule": settings.retention_interval_seconds,
+                "options": {"queue": control, "expires": settings.retention_interval_seconds},
+            },
         },
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
         # Worker shutdown, see worker/signals.py and the README's operations section:

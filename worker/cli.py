@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from typer.core import TyperGroup
 
 from worker import console as view
 from worker import control
@@ -250,7 +251,23 @@ def runs_show(
 # -- logs ---------------------------------------------------------------------
 
 
-@app.command("logs")
+class _DefaultToShow(TyperGroup):
+    """``quarry logs RUN`` means ``quarry logs show RUN``; ``quarry logs export RUN`` exports."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Route anything that is not a subcommand (or --help) to ``show``."""
+        if args and args[0] not in self.commands and args[0] not in {"--help", "-h"}:
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+logs_app = typer.Typer(
+    cls=_DefaultToShow, help="Read, follow and export a run's log.", no_args_is_help=True
+)
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.command("show")
 def logs(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     level: Annotated[
@@ -355,6 +372,29 @@ def tokens_revoke(token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID")]) 
     if not open_store().revoke_token(token_id):
         fail(f"no live token {token_id}")
     out.print(f"revoked {token_id}")
+
+
+@logs_app.command("export")
+def logs_export(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File (default: stdout).")
+    ] = None,
+) -> None:
+    """Write every entry of a run as JSON lines, for keeping past the retention period."""
+    store = open_store()
+    store.get_run(run_id)
+    sink = output.open("w", encoding="utf-8") if output else sys.stdout
+    cursor, count = 0, 0
+    try:
+        while batch := store.entries(run_id, after_id=cursor, limit=1000):
+            sink.writelines(view.entry_json(entry) + "\n" for entry in batch)
+            cursor, count = batch[-1].id, count + len(batch)
+    finally:
+        if output:
+            sink.close()
+    if output:
+        err.print(f"wrote {count} entries to {output}")
 
 
 # -- demo ---------------------------------------------------------------------

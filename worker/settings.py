@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     #: Celery's soft shutdown (``worker_soft_shutdown_timeout``) during that cold shutdown.
     soft_shutdown_seconds: float = Field(default=4.0, ge=0)
+    #: Entries and samples older than this are deleted by the retention task.
+    retention_days: float = Field(default=30.0, gt=0)
+    #: How often beat schedules retention.
+    retention_interval_seconds: float = Field(default=3600.0, gt=0)
     #: stdout rendering of log events.
     log_format: Literal["console", "json"] = "console"
     #: Lowest level rendered and stored.

@@ -40,6 +40,16 @@ async def _pause(wake: asyncio.Event | None, interval: float) -> None:
         await asyncio.wait_for(wake.wait(), timeout=interval)
 
 
+class _Gauge:
+    """Open streams in this process (asyncio: one thread, no lock needed)."""
+
+    value = 0
+
+
+#: Open streams, for /metrics.
+CLIENTS = _Gauge()
+
+
 def frame(entry: Entry) -> dict[str, str]:
     """One SSE event for an entry."""
     return {"id": str(entry.id), "data": jsonfmt.dumps(entry.as_dict())}
@@ -59,6 +69,7 @@ async def entry_events(
     interval = POLL_WITH_WAKEUPS_SECONDS if wake is not None else POLL_SECONDS
     cursor = after_id
     checked = time.monotonic()
+    CLIENTS.value += 1
     try:
         while True:
             if await disconnected():  # type: ignore[misc]
@@ -83,5 +94,6 @@ async def entry_events(
                 return
             await _pause(wake, interval)
     finally:
+        CLIENTS.value -= 1
         if wakeups is not None and wake is not None:
             wakeups.unregister(run_id, wake)

@@ -338,3 +338,36 @@ def test_list_runs_filters(store: Store) -> None:
     assert [r.id for r in store.list_runs()] == [b.id, a.id]
     assert [r.id for r in store.list_runs(status=Status.CANCELLED)] == [a.id]
     assert [r.id for r in store.list_runs(pipeline="beta")] == [b.id]
+
+
+def test_retention_deletes_only_old_rows_in_batches(store: Store) -> None:
+    """Entries and samples older than the cutoff go, in small batches; newer ones stay."""
+    run = store.create_run("demo")
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    store.append_entries(
+        [NewEntry(run.id, Level.INFO, "old", "m", old, {}) for _ in range(25)]
+        + [entry(run.id, "new") for _ in range(3)]
+    )
+    for i in range(5):
+        store.append_sample(run.id, {"i": i}, at=old)
+    store.append_sample(run.id, {"i": "new"})
+    deleted = store.delete_older_than(datetime(2021, 1, 1, tzinfo=UTC), batch=10)
+    assert deleted == {"entries": 25, "samples": 5}
+    assert [e.event for e in store.entries(run.id)] == ["new"] * 3
+    assert [v for _, v in store.samples(run.id)] == [{"i": "new"}]
+
+
+def test_stats_count_runs_and_recoveries(store: Store) -> None:
+    """Stats: runs by status, recoveries (attempt bumps), the newest entry id."""
+    run = store.create_run("demo")
+    store.create_run("demo")
+    lease = store.acquire(run.id, "w", 30)
+    assert lease is not None
+    store.transition(
+        run.id, Status.RUNNING, Status.QUEUED, expected_epoch=lease.epoch, bump_attempt=True
+    )
+    store.append_entries([entry(run.id)])
+    stats = store.stats()
+    assert stats["runs"] == {"queued": 2}
+    assert stats["recoveries"] == 1
+    assert stats["max_entry_id"] == store.entries(run.id)[-1].id

@@ -200,3 +200,14 @@ def test_cancel_a_queued_run_then_refuse_a_second_cancel(env: dict[str, str]) ->
     again = quarry(env, "runs", "cancel", run.id)
     assert again.returncode == 1
     assert "already ended (cancelled)" in again.stderr
+
+
+def test_logs_export_writes_every_entry_as_jsonl(env: dict[str, str], tmp_path: Path) -> None:
+    """``logs export RUN -o FILE`` writes one JSON entry per line, all of them."""
+    _, run_id = seeded_store(env)
+    target = tmp_path / "export.jsonl"
+    result = quarry(env, "logs", "export", run_id, "-o", str(target))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["resource_started", "run_interrupted", "run_failed"]
+    assert "wrote 3 entries" in result.stderr

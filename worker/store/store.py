@@ -21,7 +21,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
-    delete,
     func,
     insert,
     literal,
@@ -44,7 +43,8 @@ from worker.models import (
 )
 from worker.store import migrate
 from worker.store.engine import db_epoch, make_engine
-from worker.store.tables import log_entries, runs, telemetry_samples
+from worker.store.maintenance import MaintenanceQueries
+from worker.store.tables import log_entries, runs
 from worker.store.tokens import TokenQueries
 
 #: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
@@ -145,7 +145,7 @@ def _levels_at_least(level: Level) -> list[str]:
     return [lv.value for lv in Level if lv.rank >= level.rank]
 
 
-class Store(TokenQueries):
+class Store(TokenQueries, MaintenanceQueries):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
     def __init__(self, url: str) -> None:
@@ -675,42 +675,3 @@ class Store(TokenQueries):
                     select(func.count()).where(log_entries.c.run_id == run_id)
                 ).scalar_one()
             )
-
-    # -- telemetry ------------------------------------------------------------
-
-    def append_sample(
-        self, run_id: str, values: dict[str, Any], *, at: datetime | None = None, cap: int = 2000
-    ) -> None:
-        """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
-        with self._transaction() as conn:
-            conn.execute(
-                insert(telemetry_samples).values(run_id=run_id, at=at or utcnow(), values=values)
-            )
-            count = conn.execute(
-                select(func.count()).where(telemetry_samples.c.run_id == run_id)
-            ).scalar_one()
-            if count <= cap:
-                return
-            ranked = (
-                select(
-                    telemetry_samples.c.id,
-                    func.row_number()
-                    .over(order_by=(telemetry_samples.c.at, telemetry_samples.c.id))
-                    .label("rn"),
-                )
-                .where(telemetry_samples.c.run_id == run_id)
-                .subquery()
-            )
-            # Drop the even-ranked points: the first and the newest (odd count) stay.
-            doomed = select(ranked.c.id).where(ranked.c.rn % 2 == 0, ranked.c.rn < count)
-            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
-
-    def samples(self, run_id: str) -> list[tuple[datetime, dict[str, Any]]]:
-        """A run's telemetry series, oldest first."""
-        query = (
-            select(telemetry_samples.c.at, telemetry_samples.c["values"])
-            .where(telemetry_samples.c.run_id == run_id)
-            .order_by(telemetry_samples.c.at, telemetry_samples.c.id)
-        )
-        with self._reader.connect() as conn:
-            return [(_aware(row[0]) or utcnow(), row[1]) for row in conn.execute(query)]

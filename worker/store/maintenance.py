@@ -1,0 +1,104 @@
+"""Telemetry samples, retention and metrics counts: the maintenance half of the store interface."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select
+
+from worker.store.tables import log_entries, runs, telemetry_samples
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class MaintenanceQueries:
+    """Samples, retention and stats (mixed into ``Store``)."""
+
+    _reader: Engine
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def append_sample(
+        self, run_id: str, values: dict[str, Any], *, at: datetime | None = None, cap: int = 2000
+    ) -> None:
+        """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
+        with self._transaction() as conn:
+            conn.execute(
+                insert(telemetry_samples).values(
+                    run_id=run_id, at=at or datetime.now(UTC), values=values
+                )
+            )
+            count = conn.execute(
+                select(func.count()).where(telemetry_samples.c.run_id == run_id)
+            ).scalar_one()
+            if count <= cap:
+                return
+            ranked = (
+                select(
+                    telemetry_samples.c.id,
+                    func.row_number()
+                    .over(order_by=(telemetry_samples.c.at, telemetry_samples.c.id))
+                    .label("rn"),
+                )
+                .where(telemetry_samples.c.run_id == run_id)
+                .subquery()
+            )
+            # Drop the even-ranked points: the first and the newest (odd count) stay.
+            doomed = select(ranked.c.id).where(ranked.c.rn % 2 == 0, ranked.c.rn < count)
+            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
+
+    def delete_older_than(self, cutoff: datetime, *, batch: int = 5000) -> dict[str, int]:
+        """Delete entries and samples older than ``cutoff``, ``batch`` rows a transaction.
+
+        Small transactions keep locks short: writers never wait behind retention.
+        """
+        deleted = {"entries": 0, "samples": 0}
+        for name, table, column in (
+            ("entries", log_entries, log_entries.c.occurred_at),
+            ("samples", telemetry_samples, telemetry_samples.c.at),
+        ):
+            while True:
+                doomed = select(table.c.id).where(column < cutoff).order_by(table.c.id).limit(batch)
+                with self._transaction() as conn:
+                    count = conn.execute(
+                        delete(table).where(table.c.id.in_(doomed.scalar_subquery()))
+                    ).rowcount
+                deleted[name] += count
+                if count < batch:
+                    break
+        return deleted
+
+    def stats(self) -> dict[str, Any]:
+        """Cheap counts for metrics: runs by status, recoveries, the newest entry id."""
+        with self._reader.connect() as conn:
+            by_status = {
+                status: int(count)
+                for status, count in conn.execute(
+                    select(runs.c.status, func.count()).group_by(runs.c.status)
+                ).all()
+            }
+            # Every recovery of an expired lease bumps the attempt: this counts them.
+            recoveries = conn.execute(
+                select(func.coalesce(func.sum(runs.c.attempt - 1), 0))
+            ).scalar()
+            newest = conn.execute(select(func.max(log_entries.c.id))).scalar()
+        return {
+            "runs": by_status,
+            "recoveries": int(recoveries or 0),
+            "max_entry_id": int(newest or 0),
+        }
+
+    def samples(self, run_id: str) -> list[tuple[datetime, dict[str, Any]]]:
+        """A run's telemetry series, oldest first."""
+        query = (
+            select(telemetry_samples.c.at, telemetry_samples.c["values"])
+            .where(telemetry_samples.c.run_id == run_id)
+            .order_by(telemetry_samples.c.at, telemetry_samples.c.id)
+        )
+        with self._reader.connect() as conn:
+            return [(_aware(row[0]), row[1]) for row in conn.execute(query)]
