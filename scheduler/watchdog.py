@@ -159,7 +159,8 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
         return won
     else:
         return False
-    if won:
+    # A run targeted at a gateway has no Celery message: its gateway polls for it.
+    if won and run.gateway is None:
         publish(run.id)
     return won
 

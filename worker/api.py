@@ -21,7 +21,15 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import console, control, stream
-from worker.errors import ConfigError, IllegalTransition, QuarryError, RunNotFound, UnknownPipeline
+from worker.errors import (
+    ConfigError,
+    IllegalTransition,
+    LeaseLost,
+    QuarryError,
+    RunNotFound,
+    UnknownPipeline,
+)
+from worker.external import PatchRefused, RunPatch, apply_patch
 from worker.models import Level, Run, Status
 from worker.notify import Publisher, Wakeups
 from worker.scrub import scrubber
@@ -82,6 +90,15 @@ def _operator(token: TokenDep) -> Token:
 OperatorDep = Annotated[Token, Depends(_operator)]
 
 
+def _reporter(token: TokenDep) -> Token:
+    if token.scope == "read":
+        raise HTTPException(403, "a read token cannot change runs")
+    return token
+
+
+ReporterDep = Annotated[Token, Depends(_reporter)]
+
+
 def parse_time(field: str, value: str | None) -> datetime | None:
     """``from`` / ``to`` as Unix milliseconds or ISO 8601, in UTC."""
     if value is None or value == "":
@@ -120,6 +137,8 @@ class TriggerBody(BaseModel):
 
     pipeline: str = Field(min_length=1, max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
+    #: Target the run at an external gateway instead of the Celery workers.
+    gateway: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - routes read best together
@@ -216,7 +235,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
     def trigger(body: TriggerBody, db: StoreDep, _token: OperatorDep) -> dict[str, Any]:
         """Queue a run of a pipeline; 201 with the run."""
         try:
-            run = control.trigger(db, settings, publish_run, body.pipeline, body.params)
+            run = control.trigger(
+                db, settings, publish_run, body.pipeline, body.params, gateway=body.gateway
+            )
         except QuarryError as exc:
             raise HTTPException(_status_of(exc), str(exc)) from None
         return console.run_dict(run)
@@ -234,6 +255,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             return console.run_dict(control.cancel(db, run_id))
         except IllegalTransition as exc:
             raise HTTPException(409, str(exc)) from None
+
+    @app.patch("/api/v1/action-runs/{run_id}")
+    def patch_run(run_id: str, body: RunPatch, db: StoreDep, token: ReporterDep) -> dict[str, Any]:
+        """External runners: claim, report logs and telemetry, finish (see worker/external.py)."""
+        run = visible_run(db, token, run_id)
+        owner = f"gateway:{token.gateway}" if token.gateway else f"token:{token.id}"
+        try:
+            extra = apply_patch(db, settings, run, body, owner)
+        except LeaseLost:
+            raise HTTPException(
+                409, "lease lost: this run was recovered or claimed by another runner"
+            ) from None
+        except (IllegalTransition, PatchRefused) as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {**console.run_dict(db.get_run(run_id)), **extra}
+
+    @app.get("/api/v1/agent/runs")
+    def agent_runs(db: StoreDep, token: ReporterDep) -> dict[str, Any]:
+        """Queued runs targeted at this token's gateway, oldest first, for it to claim."""
+        if token.gateway is None:
+            raise HTTPException(403, "this lists a gateway's runs: use a gateway:NAME token")
+        runs = [
+            r
+            for r in reversed(db.list_runs(status=Status.QUEUED, limit=MAX_PAGE))
+            if r.gateway == token.gateway
+        ]
+        return {"runs": [console.run_dict(r) for r in runs]}
 
     @app.get("/api/v1/action-runs/{run_id}/logs")
     def run_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature

@@ -23,13 +23,18 @@ def trigger(
     publish: Callable[[str], None],
     pipeline: str,
     params: dict[str, Any],
+    *,
+    gateway: str | None = None,
 ) -> Run:
     """Create a queued run and publish its wake-up; a failed publish cancels the run.
 
     The pipeline is validated first, so a broken file fails here, not in a worker.
+    A run targeted at a gateway is not published: that gateway polls for it.
     """
     get_pipeline(settings.pipelines_file, pipeline)
-    run = store.create_run(pipeline, params)
+    run = store.create_run(pipeline, params, gateway=gateway)
+    if gateway is not None:
+        return run
     try:
         publish(run.id)
     except Exception as exc:

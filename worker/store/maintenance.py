@@ -93,6 +93,22 @@ class MaintenanceQueries:
             "max_entry_id": int(newest or 0),
         }
 
+    def replace_samples(
+        self, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
+    ) -> None:
+        """Replace a run's whole telemetry series (a post-run backfill)."""
+        now = datetime.now(UTC)
+        with self._transaction() as conn:
+            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.run_id == run_id))
+            if samples:
+                conn.execute(
+                    insert(telemetry_samples),
+                    [
+                        {"run_id": run_id, "at": at or now, "values": values}
+                        for at, values in samples
+                    ],
+                )
+
     def samples(self, run_id: str) -> list[tuple[datetime, dict[str, Any]]]:
         """A run's telemetry series, oldest first."""
         query = (

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    delete,
     func,
     insert,
     literal,
@@ -519,6 +520,41 @@ class Store(TokenQueries, MaintenanceQueries):
                 return False
             self._insert_entries(conn, entries)
         return True
+
+    def replace_entries(
+        self, run_id: str, entries: Sequence[NewEntry], lease: Lease | None = None
+    ) -> None:
+        """Replace a run's whole log (fenced on ``lease`` when one is given)."""
+        with self._transaction() as conn:
+            if lease is not None:
+                self._fence(conn, lease, {"updated_at": utcnow()})
+            conn.execute(delete(log_entries).where(log_entries.c.run_id == run_id))
+            self._insert_entries(conn, entries)
+
+    def amend_ended(
+        self,
+        run_id: str,
+        *,
+        error_summary: str | None = None,
+        finished_at: datetime | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> bool:
+        """Backfill an ended run's error summary, finish time or telemetry; False if not ended."""
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if error_summary is not None:
+            values["error_summary"] = error_summary
+        if finished_at is not None:
+            values["finished_at"] = finished_at
+        if summary is not None:
+            values["telemetry_summary"] = summary
+        terminal = [status.value for status in TERMINAL]
+        with self._transaction() as conn:
+            changed = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(terminal))
+                .values(**values)
+            ).rowcount
+        return bool(changed)
 
     def expire_lease(self, run_id: str) -> None:
         """Mark a run's lease expired now (what a frozen holder's silence amounts to)."""
