@@ -163,6 +163,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
     app = FastAPI(title="Quarry", version="1", lifespan=lifespan)
 
     @app.middleware("http")
+    async def _refuse_nul(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # No store can hold NUL in text; a NUL in a filter or an id can match nothing.
+        raw = request.url.path + "?" + (request.url.query or "")
+        if "\x00" in raw or "%00" in raw:
+            return _error(400, "NUL characters are not allowed in paths or query parameters")
+        return await call_next(request)
+
+    @app.middleware("http")
     async def _limit_body(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:

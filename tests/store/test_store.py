@@ -371,3 +371,19 @@ def test_stats_count_runs_and_recoveries(store: Store) -> None:
     assert stats["runs"] == {"queued": 2}
     assert stats["recoveries"] == 1
     assert stats["max_entry_id"] == store.entries(run.id)[-1].id
+
+
+def test_nul_characters_are_stored_escaped_not_refused(store: Store) -> None:
+    """NUL in a message, event or data (binary garbage from a source) is stored as ``\\x00``."""
+    run = store.create_run("demo")
+    store.append_entries(
+        [
+            NewEntry(
+                run.id, Level.ERROR, "e\x00", "bad\x00byte", datetime.now(UTC), {"k\x00": ["v\x00"]}
+            )
+        ]
+    )
+    (got,) = store.entries(run.id)
+    assert got.message == "bad\\x00byte"
+    assert got.event == "e\\x00"
+    assert got.data == {"k\\x00": ["v\\x00"]}

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 
 from worker.errors import IllegalTransition, LeaseLost, RunNotFound
-from worker.jsonfmt import dumps
+from worker.jsonfmt import dumps, loads
 from worker.models import (
     TERMINAL,
     Entry,
@@ -85,6 +85,25 @@ def _utc_text(value: datetime) -> str:
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
     return value.isoformat(" ", "microseconds")[:26]
+
+
+def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """PostgreSQL text and jsonb cannot hold NUL: store it escaped, visibly, as ``\\x00``."""
+    event, message, data = row[2], row[3], row[4]
+    if "\x00" not in message and "\x00" not in event and "\\u0000" not in data:
+        return row
+    data = dumps(_strip_nul(loads(data)))
+    return (*row[:2], _strip_nul(event), _strip_nul(message), data, *row[5:])
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
 
 
 def utcnow() -> datetime:
@@ -613,8 +632,10 @@ class Store(TokenQueries, MaintenanceQueries):
         # the insert itself. Values are stored exactly as the Core column types store them.
         if self.dialect == "postgresql":
             rows = [
-                (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-                 e.worker_id, e.attempt, e.occurred_at)
+                _without_nul(
+                    (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+                     e.worker_id, e.attempt, e.occurred_at)
+                )
                 for e in entries
             ]  # fmt: skip
             if rows:
@@ -623,8 +644,10 @@ class Store(TokenQueries, MaintenanceQueries):
                 self._insert_pg(conn, rows)
             return
         texts = [
-            (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-             e.worker_id, e.attempt, _utc_text(e.occurred_at))
+            _without_nul(
+                (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+                 e.worker_id, e.attempt, _utc_text(e.occurred_at))
+            )
             for e in entries
         ]  # fmt: skip
         if texts:
