@@ -147,7 +147,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = Store(settings.store_url)
+        app.state.store = Store(
+            settings.store_url, max_entries_per_run=settings.max_entries_per_run
+        )
         app.state.wakeups = None
         if settings.notify_url:
             app.state.store.on_entries = Publisher(settings.notify_url)

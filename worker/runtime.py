@@ -32,7 +32,7 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         """Open the store, start the writer and install the logging pipeline."""
-        store = Store(settings.store_url)
+        store = Store(settings.store_url, max_entries_per_run=settings.max_entries_per_run)
         if settings.notify_url:
             store.on_entries = Publisher(settings.notify_url)
         refused: dict[str, set[int]] = {}

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     log_flush_ms: int = Field(default=200, ge=1)
     #: The store writer flushes as soon as this many entries are buffered.
     log_batch_size: int = Field(default=2000, ge=1)
+    #: Info and debug entries kept per run; past it they are dropped (never warnings or
+    #: errors) and ``log_truncated`` entries count what was dropped.
+    max_entries_per_run: int = Field(default=100_000, ge=100)
     #: Longest message stored; longer ones are truncated with a marker.
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     #: Attempts (first run + recoveries) before a run is given up.

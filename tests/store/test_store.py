@@ -387,3 +387,41 @@ def test_nul_characters_are_stored_escaped_not_refused(store: Store) -> None:
     assert got.message == "bad\\x00byte"
     assert got.event == "e\\x00"
     assert got.data == {"k\\x00": ["v\\x00"]}
+
+
+def test_entry_cap_drops_info_keeps_warnings_and_counts(store: Store) -> None:
+    """Past the cap, info entries are dropped, warnings and errors kept, and log_truncated counts them."""
+    store.max_entries_per_run = 5
+    run = store.create_run("demo")
+    lease = store.acquire(run.id, "w", 30)
+    assert lease is not None
+    batch = [entry(run.id, f"i{i}", epoch=lease.epoch) for i in range(4)]
+    store.append_entries(batch)
+    store.append_entries(
+        [entry(run.id, f"j{i}", epoch=lease.epoch) for i in range(4)]
+        + [entry(run.id, "warn", epoch=lease.epoch, level=Level.WARNING)]
+    )
+    store.append_entries(
+        [
+            entry(run.id, "k", epoch=lease.epoch),
+            entry(run.id, "err", epoch=lease.epoch, level=Level.ERROR),
+        ]
+    )
+    store.finish(lease, Status.SUCCEEDED, [entry(run.id, "run_completed", epoch=lease.epoch)])
+    events = [e.event for e in store.entries(run.id)]
+    assert events == [
+        "i0",
+        "i1",
+        "i2",
+        "i3",
+        "j0",
+        "warn",
+        "log_truncated",
+        "err",
+        "log_truncated",
+        "run_completed",
+    ]
+    first, final = [e for e in store.entries(run.id) if e.event == "log_truncated"]
+    assert first.data == {"limit": 5, "dropped": 3, "final": False}
+    assert final.data == {"limit": 5, "dropped": 4, "final": True}
+    assert first.level is Level.WARNING

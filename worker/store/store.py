@@ -34,7 +34,9 @@ from worker.errors import IllegalTransition, LeaseLost, RunNotFound
 from worker.jsonfmt import dumps, loads
 from worker.models import (
     TERMINAL,
+    TERMINAL_EVENTS,
     Entry,
+    Event,
     Lease,
     Level,
     NewEntry,
@@ -106,6 +108,33 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
+#: Info entries the cap never drops: ownership and endings, which readers wait for.
+_UNCAPPED_EVENTS = frozenset({Event.LEASE_ACQUIRED.value, *(e.value for e in TERMINAL_EVENTS)})
+
+
+def _cappable(entry: NewEntry) -> bool:
+    """Whether the per-run cap may drop this entry: info or debug, and not a lifecycle end."""
+    return entry.level.rank < Level.WARNING.rank and entry.event not in _UNCAPPED_EVENTS
+
+
+def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> NewEntry:
+    """The ``log_truncated`` entry: when the cap is first reached, and the total at the end."""
+    message = (
+        f"Log truncated: {dropped:,} info entries past the cap of {cap:,} were dropped in all"
+        if final
+        else f"Log reached its cap of {cap:,} info entries: later ones are dropped; "
+        "warnings and errors are always kept"
+    )
+    return NewEntry(
+        run_id=run_id,
+        level=Level.WARNING,
+        event=Event.LOG_TRUNCATED.value,
+        message=message,
+        occurred_at=utcnow(),
+        data={"limit": cap, "dropped": dropped, "final": final},
+    )
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
@@ -168,8 +197,11 @@ def _levels_at_least(level: Level) -> list[str]:
 class Store(TokenQueries, MaintenanceQueries):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, max_entries_per_run: int | None = None) -> None:
         self.url = url
+        #: Info and debug entries kept per run; past it they are dropped (warnings and errors
+        #: never are) and ``log_truncated`` entries count what was dropped. None: no cap.
+        self.max_entries_per_run = max_entries_per_run
         self.engine: Engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         #: Called with the run ids that got new entries, after each commit (stream wake-ups).
@@ -383,7 +415,9 @@ class Store(TokenQueries, MaintenanceQueries):
             values["finished_at"] = now
         if error_summary is not None:
             values["error_summary"] = error_summary
-        self._fenced_write(lease, values, entries, checkpoint=checkpoint, summary=summary)
+        self._fenced_write(
+            lease, values, entries, checkpoint=checkpoint, summary=summary, final=True
+        )
 
     def _fenced_write(
         self,
@@ -394,15 +428,25 @@ class Store(TokenQueries, MaintenanceQueries):
         checkpoint: dict[str, Any] | None,
         summary: dict[str, Any] | None,
         before_commit: Callable[[], None] | None = None,
+        final: bool = False,
     ) -> None:
-        """Fence, write the run row's ``values`` and the entries, then ``before_commit``."""
+        """Fence, write the run row's ``values`` and the entries, then ``before_commit``.
+
+        ``final`` (the holder's last write) adds the closing ``log_truncated`` count.
+        """
         if checkpoint is not None:
             values["checkpoint"] = checkpoint
         if summary is not None:
             values["telemetry_summary"] = summary
+        ordered = bool(entries)
         with self._transaction() as conn:
-            self._fence(conn, lease, values, order_entries=bool(entries))
-            self._insert_entries(conn, entries, ordered=True)
+            row = self._fence(conn, lease, values, order_entries=ordered)
+            if final and row.entries_dropped and self.max_entries_per_run is not None:
+                closing = _truncation_entry(
+                    lease.run_id, self.max_entries_per_run, row.entries_dropped, final=True
+                )
+                entries = [*entries[:-1], closing, *entries[-1:]]
+            self._insert_entries(conn, entries, ordered=ordered)
             if before_commit is not None:
                 before_commit()
 
@@ -428,7 +472,7 @@ class Store(TokenQueries, MaintenanceQueries):
                 runs.c.status == Status.RUNNING.value,
             )
             .values(**values)
-            .returning(runs.c.cancel_requested)
+            .returning(runs.c.cancel_requested, runs.c.entries_dropped)
         )
         if order_entries and self.dialect == "postgresql":
             stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
@@ -624,7 +668,7 @@ class Store(TokenQueries, MaintenanceQueries):
         self, conn: Connection, entries: Iterable[NewEntry], *, ordered: bool = False
     ) -> None:
         """Insert entries; ``ordered`` means the entry-order lock is already held."""
-        entries = list(entries)
+        entries = self._apply_cap(conn, list(entries))
         touched = conn.info.get(_TOUCHED)
         if touched is not None:
             touched.update(e.run_id for e in entries)
@@ -652,6 +696,55 @@ class Store(TokenQueries, MaintenanceQueries):
         ]  # fmt: skip
         if texts:
             conn.exec_driver_sql(_SQLITE_INSERT, texts)
+
+    def _apply_cap(self, conn: Connection, entries: list[NewEntry]) -> list[NewEntry]:
+        """Keep each run within ``max_entries_per_run`` info entries; count what is dropped.
+
+        The counters live on the run row, updated in this transaction (its row lock
+        is taken before the entry-order lock, as everywhere).
+        """
+        cap = self.max_entries_per_run
+        if cap is None or not entries:
+            return entries
+        low: dict[str, int] = {}
+        for e in entries:
+            if _cappable(e):
+                low[e.run_id] = low.get(e.run_id, 0) + 1
+        allowed: dict[str, int] = {}
+        notes: list[NewEntry] = []
+        for run_id, count in low.items():
+            row = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(entry_count=runs.c.entry_count + count)
+                .returning(runs.c.entry_count, runs.c.entries_dropped)
+            ).first()
+            if row is None:
+                allowed[run_id] = count
+                continue
+            before = row.entry_count - count
+            allowed[run_id] = max(0, min(count, cap - before))
+            dropped = count - allowed[run_id]
+            if not dropped:
+                continue
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    entry_count=before + allowed[run_id],
+                    entries_dropped=runs.c.entries_dropped + dropped,
+                )
+            )
+            if row.entries_dropped == 0:
+                notes.append(_truncation_entry(run_id, cap, dropped, final=False))
+        kept: list[NewEntry] = []
+        for e in entries:
+            if _cappable(e):
+                if allowed[e.run_id] <= 0:
+                    continue
+                allowed[e.run_id] -= 1
+            kept.append(e)
+        return kept + notes
 
     def _insert_pg(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         columns = ", ".join(_ENTRY_COLUMNS)

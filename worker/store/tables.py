@@ -54,6 +54,9 @@ runs = Table(
     Column("telemetry_summary", Json, nullable=False),
     Column("error_summary", Text, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, default=False),
+    # Info and debug entries stored, against the per-run cap; and how many the cap dropped.
+    Column("entry_count", Integer, nullable=False, server_default="0"),
+    Column("entries_dropped", Integer, nullable=False, server_default="0"),
     Column("created_at", Timestamp, nullable=False),
     Column("queued_at", Timestamp, nullable=False),
     Column("started_at", Timestamp, nullable=True),
