@@ -296,7 +296,11 @@ def test_a_run_stuck_in_a_page_cannot_hold_up_shutdown(
         c.beat()
         a = c.worker("a")
         run_id = c.trigger("slow", page_latency_ms=120_000)  # one page takes two minutes
-        wait_for(lambda: c.store.get_run(run_id).lease_owner == "a", "a to take the run")
+        wait_for(
+            lambda: any(e.event == "resource_started" for e in c.entries(run_id)),
+            "a to start its first resource",
+        )
+        time.sleep(1)  # a is now inside the two-minute page
         a.proc.send_signal(signal.SIGTERM)
         a.proc.wait(timeout=40)
         assert "did not reach a safe point within 2s" in a.log()
