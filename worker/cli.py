@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -19,8 +21,9 @@ from typer.core import TyperGroup
 
 from worker import console as view
 from worker import control
+from worker.client import ApiClient
 from worker.errors import ConfigError, QuarryError
-from worker.models import Level, Status
+from worker.models import Entry, Level, Status
 from worker.pipelines import load_pipelines, plan_slices
 from worker.runlog import escape_controls
 from worker.scrub import scrubber
@@ -268,7 +271,7 @@ app.add_typer(logs_app, name="logs")
 
 
 @logs_app.command("show")
-def logs(
+def logs(  # noqa: PLR0917 - typer reads the options from the signature
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     level: Annotated[
         str | None,
@@ -281,14 +284,66 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON entry per line.")] = False,
+    api: Annotated[
+        str | None,
+        typer.Option("--api", help="Read through this Quarry API (default: QUARRY_API_URL)."),
+    ] = None,
 ) -> None:
-    """Print a run's log entries, oldest first."""
+    """Print a run's log entries, oldest first; the same output from the store or the API."""
     min_level = parse_level(level)
+    settings = get_settings()
+    api_url = api or settings.api_url
+    if api_url:
+        token = settings.api_token.get_secret_value()
+        _logs_through_api(
+            api_url,
+            token,
+            run_id,
+            min_level=min_level,
+            event=event,
+            follow_=follow_,
+            as_json=as_json,
+        )
+        return
     store = open_store()
     store.get_run(run_id)
     view.follow(
         store, run_id, out, min_level=min_level, event=event, as_json=as_json, follow=follow_
     )
+
+
+def _logs_through_api(
+    url: str,
+    token: str,
+    run_id: str,
+    *,
+    min_level: Level | None,
+    event: str | None,
+    follow_: bool,
+    as_json: bool,
+) -> None:
+    """``quarry logs`` over HTTP: pages, or the SSE stream with ``--follow``."""
+    client = ApiClient(url, token)
+    try:
+        wanted: Iterator[Entry]
+        if follow_:
+            wanted = (
+                e for e in client.stream(run_id)
+                if (min_level is None or e.level.rank >= min_level.rank)
+                and (event is None or e.event == event)
+            )  # fmt: skip
+        else:
+            wanted = client.entries(run_id, level=min_level, event=event)
+        for entry in wanted:
+            if as_json:
+                out.print(view.entry_json(entry), markup=False, highlight=False, soft_wrap=True)
+            else:
+                out.print(view.entry_line(entry), soft_wrap=True)
+    except httpx.HTTPError as exc:
+        msg = f"cannot reach the API at {url}: {type(exc).__name__}"
+        raise QuarryError(msg) from None
+    finally:
+        client.close()
 
 
 # -- API and tokens ---------------------------------------------------------------

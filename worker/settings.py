@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Directory for everything the embedded default keeps on disk.
@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     pipelines_file: Path = Path("pipelines.toml")
     #: Redis for stream wake-ups; empty means the broker's Redis, if the broker is Redis.
     redis_url: str = ""
+    #: The API the CLI reads logs through (``--api``); empty means the store directly.
+    api_url: str = ""
+    #: Bearer token for ``api_url``.
+    api_token: SecretStr = SecretStr("")
     #: Root of the files destination when a pipeline does not name a path.
     output_dir: Path | None = None
     #: Celery queue that carries ``execute_run``.

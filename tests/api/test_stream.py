@@ -123,3 +123,43 @@ def test_stream_refuses_a_revoked_token_and_carries_hostile_text_as_one_event(
             revoked = cluster.store.list_tokens()[0]
             assert cluster.store.revoke_token(revoked.id)
             assert list(stream) == []  # the server ended the stream
+
+
+def test_cli_follows_through_the_api_with_the_same_output(served: tuple[Cluster, str]) -> None:
+    """``quarry logs RUN --follow --api URL`` prints what ``quarry logs RUN`` prints from the store."""
+    cluster, base = served
+    _, secret = cluster.store.create_token("read")
+    cluster.worker("a")
+    run_id = cluster.trigger("slow", page_latency_ms=10)
+    env = {**cluster.env, "QUARRY_API_TOKEN": secret}
+    followed = subprocess.run(
+        [str(QUARRY), "logs", run_id, "--follow", "--json", "--api", base],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert followed.returncode == 0, followed.stderr
+    direct = subprocess.run(
+        [str(QUARRY), "logs", run_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert followed.stdout == direct.stdout
+    assert jsonfmt.loads(followed.stdout.splitlines()[-1])["event"] == "run_completed"
+    paged = subprocess.run(
+        [str(QUARRY), "logs", run_id, "--level", "warning", "--api", base],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert paged.returncode == 0
+    assert paged.stdout == ""  # a clean run has no warnings
+    missing = subprocess.run(
+        [str(QUARRY), "logs", "run_nope", "--api", base],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert "no such run: run_nope" in missing.stderr
