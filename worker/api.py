@@ -31,7 +31,8 @@ from worker.errors import (
 )
 from worker.external import PatchRefused, RunPatch, apply_patch
 from worker.models import Level, Run, Status
-from worker.notify import Publisher, Wakeups
+from worker.notify import Wakeups
+from worker.runtime import open_store
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
@@ -147,12 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = Store(
-            settings.store_url, max_entries_per_run=settings.max_entries_per_run
-        )
+        app.state.store = open_store(settings)
         app.state.wakeups = None
         if settings.notify_url:
-            app.state.store.on_entries = Publisher(settings.notify_url)
             app.state.wakeups = Wakeups(settings.notify_url)
             await app.state.wakeups.start()
         try:

@@ -16,6 +16,8 @@ EXECUTE_RUN = "quarry.execute_run"
 WATCHDOG = "quarry.watchdog"
 #: Name of the retention task.
 RETENTION = "quarry.retention"
+#: Name of the webhook delivery task.
+WEBHOOK = "quarry.webhook"
 
 #: Redis redelivers an unacked message after this long. The lease, not the broker,
 #: decides who runs, so a redelivery while the run is alive is a harmless no-op.
@@ -52,6 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             EXECUTE_RUN: {"queue": settings.queue},
             WATCHDOG: {"queue": control},
             RETENTION: {"queue": control},
+            WEBHOOK: {"queue": control},
         },
         "beat_schedule": {
             "quarry-watchdog": {
@@ -87,6 +90,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 #: should not park it behind the whole backlog. The embedded SQLite broker is FIFO.
 RESUME_PRIORITY = 0
 NEW_RUN_PRIORITY = 5
+
+
+def send_webhook(delivery_id: int) -> None:
+    """Queue the delivery of one webhook."""
+    app.send_task(WEBHOOK, args=[delivery_id], queue=f"{get_settings().queue}.control")
 
 
 def send_run(celery: Celery, queue: str, run_id: str, *, resume: bool = False) -> None:

@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from worker import console as view
-from worker import control
+from worker import control, runtime
 from worker.client import ApiClient
 from worker.errors import ConfigError, QuarryError
 from worker.models import Entry, Level, Status
@@ -66,7 +66,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def open_store(settings: Settings | None = None) -> Store:
     """The store, with a clear error when its schema was never created."""
     settings = settings or get_settings()
-    store = Store(settings.store_url)
+    store = runtime.open_store(settings)
     if not store.schema_is_current():
         if settings.embedded:
             store.upgrade()

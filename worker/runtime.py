@@ -12,10 +12,22 @@ import threading
 from dataclasses import dataclass, field
 
 from worker import runlog
+from worker.celery_app import send_webhook
 from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
 from worker.settings import Settings, get_settings
 from worker.store import Store
+from worker.webhooks import on_run_ended
+
+
+def open_store(settings: Settings) -> Store:
+    """A store with the process hooks attached: stream wake-ups and run-ended webhooks."""
+    store = Store(settings.store_url, max_entries_per_run=settings.max_entries_per_run)
+    if settings.notify_url:
+        store.on_entries = Publisher(settings.notify_url)
+    if settings.webhook_endpoints:
+        store.on_ended = on_run_ended(store, settings, send_webhook)
+    return store
 
 
 @dataclass
@@ -32,9 +44,7 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         """Open the store, start the writer and install the logging pipeline."""
-        store = Store(settings.store_url, max_entries_per_run=settings.max_entries_per_run)
-        if settings.notify_url:
-            store.on_entries = Publisher(settings.notify_url)
+        store = open_store(settings)
         refused: dict[str, set[int]] = {}
 
         def on_refused(pairs: set[tuple[str, int]]) -> None:

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     api_url: str = ""
     #: Bearer token for ``api_url``.
     api_token: SecretStr = SecretStr("")
+    #: Endpoints (comma-separated) that get a signed POST when a run ends.
+    webhook_urls: str = ""
+    #: HMAC-SHA256 key of the webhook signature.
+    webhook_secret: SecretStr = SecretStr("")
     #: Root of the files destination when a pipeline does not name a path.
     output_dir: Path | None = None
     #: Celery queue that carries ``execute_run``.
@@ -108,6 +112,11 @@ class Settings(BaseSettings):
         if self.broker_url.startswith(("redis://", "rediss://")):
             return self.broker_url
         return ""
+
+    @property
+    def webhook_endpoints(self) -> list[str]:
+        """The webhook URLs, split."""
+        return [url.strip() for url in self.webhook_urls.split(",") if url.strip()]
 
     @property
     def files_root(self) -> Path:

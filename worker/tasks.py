@@ -10,8 +10,8 @@ from typing import Any
 from celery import signals as celery_signals
 
 from scheduler.watchdog import fast_recover
-from worker import signals
-from worker.celery_app import EXECUTE_RUN, app, send_run
+from worker import signals, webhooks
+from worker.celery_app import EXECUTE_RUN, WEBHOOK, app, send_run
 from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime
 from worker.scrub import scrub
@@ -41,6 +41,18 @@ def execute_run(run_id: str) -> str:
         except Exception:
             log.warning("fast recovery of %s failed; the watchdog will retry", run_id)
     return outcome.value
+
+
+@app.task(name=WEBHOOK, bind=True, ignore_result=True, max_retries=webhooks.MAX_ATTEMPTS)
+def deliver_webhook(self: Any, delivery_id: int) -> str:
+    """POST one webhook; retry with exponential backoff until it is delivered or given up."""
+    runtime = get_runtime()
+    if webhooks.deliver(runtime.store, runtime.settings, delivery_id):
+        return "delivered"
+    delivery = runtime.store.get_delivery(delivery_id)
+    if delivery.status == "failed":
+        return "failed"
+    raise self.retry(countdown=min(2**delivery.attempts, webhooks.MAX_BACKOFF))
 
 
 def publish_run(run_id: str) -> None:

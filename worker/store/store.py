@@ -49,6 +49,7 @@ from worker.store.engine import db_epoch, make_engine
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.tables import log_entries, runs
 from worker.store.tokens import TokenQueries
+from worker.store.webhooks import WebhookQueries
 
 #: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
 ENTRY_ORDER_LOCK = 0x5155_4152_5259  # "QUARRY"
@@ -194,7 +195,7 @@ def _levels_at_least(level: Level) -> list[str]:
     return [lv.value for lv in Level if lv.rank >= level.rank]
 
 
-class Store(TokenQueries, MaintenanceQueries):
+class Store(TokenQueries, MaintenanceQueries, WebhookQueries):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
     def __init__(self, url: str, *, max_entries_per_run: int | None = None) -> None:
@@ -206,6 +207,8 @@ class Store(TokenQueries, MaintenanceQueries):
         self.dialect = self.engine.dialect.name
         #: Called with the run ids that got new entries, after each commit (stream wake-ups).
         self.on_entries: Callable[[set[str]], None] | None = None
+        #: Called with a run id after the commit that ended it (webhooks).
+        self.on_ended: Callable[[str], None] | None = None
         # SQLite readers must not take the write lock that writers take at BEGIN.
         self._reader: Engine = (
             make_engine(url, immediate=False) if self.dialect == "sqlite" else self.engine
@@ -228,6 +231,14 @@ class Store(TokenQueries, MaintenanceQueries):
                 logging.getLogger("quarry.store").warning(
                     "entry notification failed", exc_info=True
                 )
+
+    def _ended(self, run_id: str) -> None:
+        if self.on_ended is None:
+            return
+        try:
+            self.on_ended(run_id)
+        except Exception:
+            _log.warning("run-ended hook failed for %s", run_id, exc_info=True)
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -418,6 +429,8 @@ class Store(TokenQueries, MaintenanceQueries):
         self._fenced_write(
             lease, values, entries, checkpoint=checkpoint, summary=summary, final=True
         )
+        if status in TERMINAL:
+            self._ended(lease.run_id)
 
     def _fenced_write(
         self,
@@ -524,6 +537,8 @@ class Store(TokenQueries, MaintenanceQueries):
             if conn.execute(update(runs).where(and_(*conditions)).values(**values)).rowcount != 1:
                 return False
             self._insert_entries(conn, entries)
+        if target in TERMINAL:
+            self._ended(run_id)
         return True
 
     def request_cancel(self, run_id: str) -> bool:

@@ -107,3 +107,19 @@ api_tokens = Table(
     Column("revoked_at", Timestamp, nullable=True),
     Column("last_used_at", Timestamp, nullable=True),
 )
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", EntryId, Identity(always=False), primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    # pending | delivered | failed
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("delivered_at", Timestamp, nullable=True),
+    Index("ix_webhook_deliveries_run_id", "run_id"),
+    sqlite_autoincrement=True,
+)
