@@ -15,13 +15,19 @@ from worker import runlog
 from worker.celery_app import send_webhook
 from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
+from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
 from worker.webhooks import on_run_ended
 
 
 def open_store(settings: Settings) -> Store:
-    """A store with the process hooks attached: stream wake-ups and run-ended webhooks."""
+    """A store with the process hooks attached: stream wake-ups and run-ended webhooks.
+
+    Every process opens its store here, so this is also where the credentials it
+    holds are registered with the scrubber.
+    """
+    scrubber.register(settings.secret_values())
     store = Store(settings.store_url, max_entries_per_run=settings.max_entries_per_run)
     if settings.notify_url:
         store.on_entries = Publisher(settings.notify_url)

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -127,6 +128,15 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """Whether the store is the embedded SQLite file."""
         return self.store_url.startswith("sqlite")
+
+    def secret_values(self) -> list[str]:
+        """Credentials this process holds, for the scrubber: URL passwords, tokens, keys."""
+        values = [self.webhook_secret.get_secret_value(), self.api_token.get_secret_value()]
+        for url in (self.database_url, self.broker_url, self.redis_url, self.api_url):
+            password = urlsplit(url).password if "://" in url else None
+            if password:
+                values += [password, unquote(password)]
+        return [v for v in values if v]
 
     def identity(self) -> str:
         """This process's worker id: the configured one, or host:pid."""
