@@ -23,7 +23,7 @@ MATRIX = {
 }
 
 
-@pytest.mark.parametrize(("method", "path"), list(MATRIX), ids=lambda v: str(v))
+@pytest.mark.parametrize(("method", "path"), list(MATRIX), ids=str)
 def test_scope_matrix(api: Api, method: str, path: str) -> None:  # noqa: F811
     """Each scope gets exactly the status the matrix says, with a JSON error body on refusal."""
     revoked, revoked_secret = api.store.create_token("operator")
