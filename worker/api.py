@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker import console, control, stream
+from worker import console, control, jsonfmt, stream
 from worker.errors import (
     ConfigError,
     IllegalTransition,
@@ -53,6 +53,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"status": status, "message": scrubber.text(message)}}, status_code=status
     )
+
+
+def _json(body: dict[str, Any]) -> Response:
+    """A JSON response encoded once by orjson: pages of 1,000 entries skip FastAPI's encoder."""
+    return Response(jsonfmt.dumps(body), media_type="application/json")
 
 
 def _store(request: Request) -> Store:
@@ -306,7 +311,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         to: Annotated[str | None, Query(max_length=40)] = None,
         cursor: Annotated[str | None, Query(max_length=20)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """A run's entries oldest first; ``cursor`` is null on the last page."""
         visible_run(db, token, run_id)
         entries = db.entries(
@@ -319,10 +324,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             until=parse_time("to", to),
         )
         page, more = entries[:limit], len(entries) > limit
-        return {
-            "entries": [e.as_dict() for e in page],
-            "cursor": str(page[-1].id) if more and page else None,
-        }
+        return _json(
+            {
+                "entries": [e.as_dict() for e in page],
+                "cursor": str(page[-1].id) if more and page else None,
+            }
+        )
 
     @app.get("/api/v1/action-runs/{run_id}/logs/stream")
     async def run_stream(
@@ -380,7 +387,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         to: Annotated[str | None, Query(max_length=40)] = None,
         count: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
         cursor: Annotated[str | None, Query(max_length=20)] = None,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Entries across runs, oldest first; no ``cursor`` in the answer means the end."""
         if token.gateway is not None:
             raise HTTPException(403, "the flat view needs an operator or read token")
@@ -398,7 +405,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         body: dict[str, Any] = {"entries": [e.as_dict() for e in page]}
         if more and page:
             body["cursor"] = str(page[-1].id)
-        return body
+        return _json(body)
 
     return app
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
 
-from worker.jsonfmt import dumps
+from worker.jsonfmt import dumps, loads
 
 #: How long a SQLite writer waits for the file lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -43,12 +43,15 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
             connect_args={"options": options},
             pool_pre_ping=True,
             json_serializer=dumps,
+            json_deserializer=loads,
             pool_size=5,
             max_overflow=10,
         )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, json_serializer=dumps, connect_args={"timeout": 30})
+    engine = create_engine(
+        url, json_serializer=dumps, json_deserializer=loads, connect_args={"timeout": 30}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

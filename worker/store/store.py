@@ -809,14 +809,15 @@ class Store(TokenQueries, MaintenanceQueries, WebhookQueries):
         ``since`` and ``until`` bound ``occurred_at`` (both inclusive); ``pipeline``
         filters through the run. The id is the only order and the only cursor.
         """
-        query = (
-            select(log_entries)
-            .where(log_entries.c.id > after_id)
-            .order_by(log_entries.c.id)
-            .limit(limit)
-        )
+        query = select(log_entries).where(log_entries.c.id > after_id).limit(limit)
         if run_id is not None:
-            query = query.where(log_entries.c.run_id == run_id)
+            # Ordered like the (run_id, id) index, so the planner walks it: ordering by id
+            # alone led PostgreSQL to scan the primary key and filter every later run's rows.
+            query = query.where(log_entries.c.run_id == run_id).order_by(
+                log_entries.c.run_id, log_entries.c.id
+            )
+        else:
+            query = query.order_by(log_entries.c.id)
         if min_level is not None and min_level is not Level.DEBUG:
             query = query.where(log_entries.c.level.in_(_levels_at_least(min_level)))
         if event is not None:

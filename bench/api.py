@@ -1,0 +1,275 @@
+"""API benchmarks: log pages from a 1,000,000-entry store, stream latency, 200 stream clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from httpx_sse import aconnect_sse
+
+from bench.ingest import NullStream
+from worker import jsonfmt, runlog
+from worker.notify import Publisher
+from worker.runlog import EntryWriter, StoreSink
+from worker.store import Store
+
+QUARRY = Path(sys.executable).parent / "quarry"
+TOTAL, BIG = 1_000_000, 200_000
+COLUMNS = "run_id, level, event, message, data, worker_id, attempt, occurred_at"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def populate(url: str) -> tuple[str, list[int]]:
+    """1,000,000 entries: one run with 200,000 (10 % warnings or errors), the rest over 40 runs."""
+    store = Store(url)
+    big = store.create_run("bench-big").id
+    others = [store.create_run("bench-other").id for _ in range(40)]
+    store.close()
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    data = json.dumps({"resource": "events", "slice": 1, "rows": 8500})
+
+    def rows(run_id: str, count: int) -> list[tuple[Any, ...]]:
+        levels = ["info"] * 18 + ["warning", "error"]
+        return [
+            (
+                run_id,
+                levels[i % 20],
+                "slice_completed",
+                f"Slice {i}: 8,500 rows",
+                data,
+                "bench",
+                1,
+                now,
+            )
+            for i in range(count)
+        ]
+
+    batches = [(big, BIG)] + [(r, (TOTAL - BIG) // len(others)) for r in others]
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN")
+        for run_id, count in batches:
+            conn.executemany(
+                f"INSERT INTO log_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows(run_id, count)
+            )
+        conn.execute("COMMIT")
+        conn.execute("ANALYZE")
+        ids = [
+            r[0]
+            for r in conn.execute("SELECT id FROM log_entries WHERE run_id = ? ORDER BY id", (big,))
+        ]
+        conn.close()
+        return big, ids
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as pg:
+        with pg.cursor() as cur, cur.copy(f"COPY log_entries ({COLUMNS}) FROM STDIN") as copy:
+            for run_id, count in batches:
+                for row in rows(run_id, count):
+                    copy.write_row(row)
+        pg.commit()
+        pg.execute("ANALYZE log_entries")
+        pg.commit()
+        ids = [
+            r[0]
+            for r in pg.execute("SELECT id FROM log_entries WHERE run_id = %s ORDER BY id", (big,))
+        ]
+    return big, ids
+
+
+def serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``quarry serve`` and wait for it."""
+    port = _port()
+    proc = subprocess.Popen(
+        [str(QUARRY), "serve", "--port", str(port)],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("API did not start")
+
+
+def _timed(fn: Any, n: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(n):
+        began = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - began) * 1000)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def pages(url: str, samples: int = 40) -> list[tuple[str, list[float], list[float]]]:
+    """(page, API ms, raw keyset SQL ms) for the first, last and level=warning pages."""
+    big, ids = populate(url)
+    tmp = Path(tempfile.mkdtemp())
+    env = {
+        **os.environ,
+        "QUARRY_DATABASE_URL": url,
+        "QUARRY_DATA_DIR": str(tmp),
+        "QUARRY_BROKER_URL": "",
+        "QUARRY_REDIS_URL": "",
+    }
+    store = Store(url)
+    _, secret = store.create_token("read")
+    store.close()
+    proc, base = serve(env, tmp / "api.log")
+    last_cursor = str(ids[-1001])
+    cases = {
+        "first page": ({}, 0, None),
+        "last page": ({"cursor": last_cursor}, int(last_cursor), None),
+        "level=warning page": ({"level": "warning"}, 0, ("warning", "error")),
+    }
+    results = []
+    try:
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"})
+        raw = _raw_query(url, big)
+        for name, (params, after, levels) in cases.items():
+
+            def api_call(params: dict[str, str] = params) -> None:
+                body = client.get(f"/api/v1/action-runs/{big}/logs", params=params).json()
+                assert len(body["entries"]) == 1000 or params.get("cursor"), len(body["entries"])
+
+            def raw_call(after: int = after, levels: tuple[str, ...] | None = levels) -> None:
+                raw(after, levels)
+
+            results.append((name, _timed(api_call, samples), _timed(raw_call, samples)))
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return results
+
+
+def _raw_query(url: str, run_id: str) -> Any:
+    """The same keyset query through the raw driver, rows fetched and decoded."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), check_same_thread=False)
+
+        def run(after: int, levels: tuple[str, ...] | None) -> list[Any]:
+            if levels:
+                sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = ? AND id > ? AND level IN (?, ?) ORDER BY id LIMIT 1001"
+                rows = conn.execute(sql, (run_id, after, *levels)).fetchall()
+            else:
+                sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = ? AND id > ? ORDER BY id LIMIT 1001"
+                rows = conn.execute(sql, (run_id, after)).fetchall()
+            return [json.loads(r[5]) for r in rows]
+
+        return run
+    pg = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+
+    def run_pg(after: int, levels: tuple[str, ...] | None) -> list[Any]:
+        if levels:
+            sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = %s AND id > %s AND level = ANY(%s) ORDER BY id LIMIT 1001"
+            return pg.execute(sql, (run_id, after, list(levels))).fetchall()
+        sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = %s AND id > %s ORDER BY id LIMIT 1001"
+        return pg.execute(sql, (run_id, after)).fetchall()
+
+    return run_pg
+
+
+# -- streams --------------------------------------------------------------------------
+
+
+def _produce(url: str, run_id: str, count: int, interval: float, redis_url: str) -> None:
+    """A worker-like process: log ``count`` entries through structlog and the store writer."""
+    store = Store(url)
+    if redis_url:
+        store.on_entries = Publisher(redis_url)
+    writer = EntryWriter(store.append_entries, flush_ms=200, batch_size=2000)
+    runlog.configure(StoreSink(writer), log_format="json", stream=NullStream())
+    log = runlog.get_logger(run_id=run_id, worker_id="bench").bind(attempt=1)
+    writer.start()
+    for i in range(count):
+        log.info("slice_completed", message=f"Slice {i}", sent_at=time.time())
+        time.sleep(interval)
+    log.info("run_completed", message="done", sent_at=time.time())
+    writer.close()
+    store.close()
+
+
+async def _listen(base: str, secret: str, run_id: str, lags: list[float]) -> None:
+    headers = {"Authorization": f"Bearer {secret}"}
+    path = f"/api/v1/action-runs/{run_id}/logs/stream"
+    async with (
+        httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(120)) as client,
+        aconnect_sse(client, "GET", path) as source,
+    ):
+        async for sse in source.aiter_sse():
+            entry = jsonfmt.loads(sse.data)
+            lags.append((time.time() - entry["data"]["sent_at"]) * 1000)
+
+
+def stream_latency(
+    url: str, redis_url: str, *, clients: int = 1, count: int = 200, interval: float = 0.05
+) -> list[list[float]]:
+    """Per client, ms from each log call in a worker-like process to its receipt over SSE."""
+    store = Store(url)
+    store.upgrade()
+    run_id = store.create_run("bench-stream").id
+    _, secret = store.create_token("read")
+    store.close()
+    tmp = Path(tempfile.mkdtemp())
+    env = {
+        **os.environ,
+        "QUARRY_DATABASE_URL": url,
+        "QUARRY_DATA_DIR": str(tmp),
+        "QUARRY_BROKER_URL": "",
+        "QUARRY_REDIS_URL": redis_url,
+    }
+    proc, base = serve(env, tmp / "api.log")
+    lags: list[list[float]] = [[] for _ in range(clients)]
+    try:
+
+        async def main() -> None:
+            listeners = [
+                asyncio.create_task(_listen(base, secret, run_id, lags[i])) for i in range(clients)
+            ]
+            await asyncio.sleep(2 + clients / 50)  # every client connected
+            producer = mp.get_context("fork").Process(
+                target=_produce, args=(url, run_id, count, interval, redis_url)
+            )
+            producer.start()
+            await asyncio.gather(*listeners)
+            producer.join()
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return lags
+
+
+def summary(values: list[float]) -> str:
+    """p50 / p99 in ms."""
+    return f"p50 {statistics.median(values):.0f} ms  p99 {pct(values, 0.99):.0f} ms"
