@@ -190,10 +190,10 @@ def _raw_query(url: str, run_id: str) -> Any:
 
     def run_pg(after: int, levels: tuple[str, ...] | None) -> list[Any]:
         if levels:
-            sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = %s AND id > %s AND level = ANY(%s) ORDER BY id LIMIT 1001"
-            return pg.execute(sql, (run_id, after, list(levels))).fetchall()
-        sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = %s AND id > %s ORDER BY id LIMIT 1001"
-        return pg.execute(sql, (run_id, after)).fetchall()
+            sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id >= %s AND run_id <= %s AND id > %s AND level = ANY(%s) ORDER BY run_id, id LIMIT 1001"
+            return pg.execute(sql, (run_id, run_id, after, list(levels))).fetchall()
+        sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id >= %s AND run_id <= %s AND id > %s ORDER BY run_id, id LIMIT 1001"
+        return pg.execute(sql, (run_id, run_id, after)).fetchall()
 
     return run_pg
 
