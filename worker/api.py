@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         if settings.notify_url:
             app.state.wakeups = Wakeups(settings.notify_url)
             await app.state.wakeups.start()
+        app.state.feeds = stream.Feeds(app.state.store, app.state.wakeups)
         try:
             yield
         finally:
@@ -343,10 +344,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         visible_run(db, token, run_id)
         secret: str = request.state.secret
         events = stream.entry_events(
-            db,
+            request.app.state.feeds,
             run_id,
             after_id=parse_cursor(last_event_id),
-            wakeups=request.app.state.wakeups,
+            secret=secret,
             still_authorised=lambda: db.verify_token(secret) is not None,
             disconnected=request.is_disconnected,
         )
