@@ -60,7 +60,7 @@ class Feed:
     def __init__(self, store: Store, run_id: str, wakeups: Wakeups | None) -> None:
         self.store = store
         self.run_id = run_id
-        self.tail: list[Entry] = []
+        self.tail: list[tuple[Entry, dict[str, str]]] = []  # entries and their encoded frames
         self.cursor = 0  # the newest id the feed has read
         self.floor = 0  # entries after this id are all in the tail
         self.done = False
@@ -94,11 +94,12 @@ class Feed:
                     self.store.entries, self.run_id, after_id=self.cursor, limit=BATCH
                 )
                 if batch:
-                    self.tail.extend(batch)
+                    # Encoded once here, not once per client.
+                    self.tail.extend((e, frame(e)) for e in batch)
                     self.cursor = batch[-1].id
                     if len(self.tail) > TAIL:
                         dropped = self.tail[: len(self.tail) - TAIL]
-                        self.floor = dropped[-1].id
+                        self.floor = dropped[-1][0].id
                         del self.tail[: len(dropped)]
                 if any(e.event in TERMINAL_EVENTS for e in batch) or (
                     run.status.terminal and len(batch) < BATCH and not batch
@@ -113,9 +114,11 @@ class Feed:
             if self._wakeups is not None and wake is not None:
                 self._wakeups.unregister(self.run_id, wake)
 
-    def after(self, cursor: int) -> list[Entry]:
-        """Tail entries after ``cursor`` (caller checked ``cursor >= floor``)."""
-        return [e for e in self.tail if e.id > cursor] if self.tail else []
+    def after(self, cursor: int) -> list[tuple[Entry, dict[str, str]]]:
+        """Tail entries (and frames) after ``cursor`` (caller checked ``cursor >= floor``)."""
+        if not self.tail or self.tail[-1][0].id <= cursor:
+            return []
+        return [item for item in self.tail if item[0].id > cursor]
 
 
 class Feeds:
@@ -185,17 +188,17 @@ async def entry_events(
                 batch = await run_in_threadpool(
                     feeds.store.entries, run_id, after_id=cursor, limit=BATCH
                 )
-                batch = [e for e in batch if e.id <= feed.floor] or batch[:0]
-                if not batch:
+                items = [(e, frame(e)) for e in batch if e.id <= feed.floor]
+                if not items:
                     cursor = feed.floor
             else:
-                batch = feed.after(cursor)
-            for entry in batch:
-                yield frame(entry)
+                items = feed.after(cursor)
+            for entry, encoded in items:
+                yield encoded
                 cursor = entry.id
                 if entry.event in TERMINAL_EVENTS:
                     return
-            if batch:
+            if items:
                 continue
             async with feed.changed:
                 # Checked under the condition's lock, so a notify cannot slip in between.
