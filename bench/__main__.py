@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from bench import ingest, recovery, slices
+from bench import api, ingest, recovery, slices
 from worker.store import Store
 
 PG_ADMIN = os.environ.get(
@@ -113,10 +113,45 @@ def main() -> int:
     print(
         "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
     )
+    if os.environ.get("BENCH_SKIP_API") != "1":
+        api_rows(tmp)
     pg_rec = fresh_pg("quarry_bench_recovery")
     if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
         recovery_rows(pg_rec)
     return 0
+
+
+def api_rows(tmp: Path) -> None:
+    """Pages from a 1,000,000-entry store; stream latency; 200 stream clients."""
+    print("\nAPI: a page of 1000 entries from 1,000,000 (one run holds 200,000), ms")
+    for label, url in (
+        ("SQLite", ingest.fresh_sqlite(tmp, "pages.db")),
+        ("PostgreSQL", fresh_pg("quarry_bench_pages")),
+    ):
+        if url is None:
+            continue
+        for name, through_api, raw in api.pages(url):
+            ratio = statistics.median(through_api) / statistics.median(raw)
+            print(
+                f"{label + ' ' + name:<40} API {api.summary(through_api):<24} "
+                f"raw keyset SQL {api.summary(raw):<24} {ratio:.1f}x  (goal <= 2x)"
+            )
+    url = fresh_pg("quarry_bench_stream")
+    if url is None:
+        return
+    print(
+        "\nstream latency: log call in a worker-like process -> SSE client (writer flush included)"
+    )
+    for label, redis in (("Redis wake-ups", REDIS), ("polling fallback", "")):
+        lags = api.stream_latency(url, redis, clients=1, count=150, interval=0.03)
+        print(f"{label:<40} {api.summary(lags[0])}  (goal with Redis: p50 <= 150, p99 <= 300)")
+    lags = api.stream_latency(url, REDIS, clients=200, count=100, interval=0.1)
+    flat = [x for client in lags for x in client]
+    complete = sum(1 for client in lags if len(client) == 101)
+    print(
+        f"{'200 clients on one API process':<40} {api.summary(flat)}  max {max(flat):.0f} ms; "
+        f"{complete}/200 got every entry  (goal: none > 1000 ms behind)"
+    )
 
 
 def recovery_rows(url: str) -> None:
