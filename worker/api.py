@@ -234,18 +234,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         return JSONResponse({"status": "ready"})
 
     @app.get("/api/v1/action-runs")
-    def list_runs(
+    def list_runs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
         db: StoreDep,
         token: TokenDep,
         status: Status | None = None,
         pipeline: Annotated[str | None, Query(max_length=200)] = None,
+        gateway: Annotated[str | None, Query(max_length=200)] = None,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     ) -> dict[str, Any]:
-        """Runs, newest first."""
-        runs = db.list_runs(status=status, pipeline=pipeline, limit=limit)
+        """Runs, newest first; ``cursor`` is null on the last page."""
         if token.gateway is not None:
-            runs = [r for r in runs if r.gateway == token.gateway]
-        return {"runs": [console.run_dict(r) for r in runs]}
+            if gateway not in {None, token.gateway}:
+                return {"runs": [], "cursor": None}
+            gateway = token.gateway
+        try:
+            runs = db.list_runs(
+                status=status, pipeline=pipeline, gateway=gateway, before=cursor, limit=limit + 1
+            )
+        except RunNotFound:
+            raise HTTPException(
+                400, f"cursor: not a cursor this API returned: {cursor!r}"
+            ) from None
+        page, more = runs[:limit], len(runs) > limit
+        return {
+            "runs": [console.run_dict(r) for r in page],
+            "cursor": page[-1].id if more and page else None,
+        }
 
     @app.post("/api/v1/action-runs", status_code=201)
     def trigger(body: TriggerBody, db: StoreDep, _token: OperatorDep) -> dict[str, Any]:

@@ -136,3 +136,23 @@ def test_metrics_are_prometheus_text(api: Api) -> None:  # noqa: F811
     assert "quarry_run_recoveries_total 0" in text
     assert "quarry_stream_clients 0" in text
     assert "# TYPE quarry_log_entries_total counter" in text
+
+
+def test_runs_page_by_cursor_and_filter_by_gateway(api: Api) -> None:  # noqa: F811
+    """Runs list newest first in pages; the cursor is null on the last; gateway filters."""
+    read = api.token("read")
+    made = [api.store.create_run("demo", gateway="east" if i % 2 else None).id for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        body = api.client.get("/api/v1/action-runs", params=params, headers=read).json()
+        seen += [r["id"] for r in body["runs"]]
+        cursor = body["cursor"]
+        if cursor is None:
+            break
+    assert seen == made[::-1]
+    east = api.client.get("/api/v1/action-runs", params={"gateway": "east"}, headers=read).json()
+    assert [r["id"] for r in east["runs"]] == [made[3], made[1]]
+    bad = api.client.get("/api/v1/action-runs", params={"cursor": "run_nope"}, headers=read)
+    assert bad.status_code == 400

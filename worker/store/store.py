@@ -305,15 +305,31 @@ class Store(TokenQueries, MaintenanceQueries, WebhookQueries):
         *,
         status: Status | None = None,
         pipeline: str | None = None,
+        gateway: str | None = None,
+        before: str | None = None,
         limit: int = 50,
     ) -> list[Run]:
-        """Runs, newest first, optionally filtered."""
+        """Runs, newest first, optionally filtered; ``before`` is the last run id of a page."""
         query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(runs.c.status == status.value)
         if pipeline is not None:
             query = query.where(runs.c.pipeline == pipeline)
+        if gateway is not None:
+            query = query.where(runs.c.gateway == gateway)
         with self._reader.connect() as conn:
+            if before is not None:
+                mark = conn.execute(
+                    select(runs.c.created_at, runs.c.id).where(runs.c.id == before)
+                ).first()
+                if mark is None:
+                    raise RunNotFound(before)
+                query = query.where(
+                    or_(
+                        runs.c.created_at < mark.created_at,
+                        and_(runs.c.created_at == mark.created_at, runs.c.id < mark.id),
+                    )
+                )
             return [_run_from_row(row) for row in conn.execute(query)]
 
     def db_time(self) -> float:
