@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from celery import Celery
 
 from tests.conftest import truncate
@@ -28,6 +30,7 @@ from worker.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY = Path(sys.executable).parent / "celery"
+QUARRY = Path(sys.executable).parent / "quarry"
 
 PIPELINES = """
 [pipelines.small]
@@ -46,6 +49,33 @@ resources = [
   { name = "lists" },
 ]
 """
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_api(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``quarry serve`` on a free port with ``env``; returns it and its base URL once up."""
+    port = free_port()
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()  # the child holds its own descriptor
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, "the API to answer", 30)
+    return proc, base
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:

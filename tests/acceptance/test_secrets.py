@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 import threading
 import urllib.parse
@@ -14,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.acceptance.harness import Cluster, wait_for
+from tests.acceptance.harness import Cluster, serve_api, wait_for
 from tests.acceptance.test_webhooks import Receiver
 from worker.models import Status
 
@@ -50,15 +48,7 @@ def test_canaries_are_found_nowhere(tmp_path: Path, pg_url: str, redis_url: str)
             f'source = {{ type = "demo", profiles = 50, page_size = 10, fail_at = "profiles:0:3", fail_message = {json.dumps(message)} }}\n'
             'resources = [{ name = "profiles" }]\n'
         )
-    port = _free_port()
-    api_log = (tmp_path / "api.log").open("wb")
-    api = subprocess.Popen(
-        [str(QUARRY), "serve", "--port", str(port)],
-        env=c.env,
-        stdout=api_log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    api, base = serve_api(c.env, tmp_path / "api.log")
     try:
         c.worker("a")
         c.beat()
@@ -66,7 +56,6 @@ def test_canaries_are_found_nowhere(tmp_path: Path, pg_url: str, redis_url: str)
         run = c.wait_status(run_id, Status.FAILED, Status.SUCCEEDED)
         assert run.status is Status.FAILED
         wait_for(lambda: receiver.requests, "the webhook", 60)
-        wait_for(lambda: _up(base), "the API", 30)
         headers = {"Authorization": f"Bearer {secret}"}
         seen = [
             httpx.get(f"{base}/api/v1/action-runs/{run_id}", headers=headers).text,
@@ -93,19 +82,5 @@ def test_canaries_are_found_nowhere(tmp_path: Path, pg_url: str, redis_url: str)
     finally:
         api.terminate()
         api.wait(timeout=10)
-        api_log.close()
         receiver.shutdown()
         c.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,18 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.acceptance.harness import wait_for
+from tests.acceptance.harness import serve_api
 from tests.conftest import truncate
 from worker.models import Level, NewEntry
 from worker.store import Store
 
 QUARRY = Path(sys.executable).parent / "quarry"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Api:
@@ -50,32 +43,18 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
     else:
         url = request.getfixturevalue("pg_url")
         truncate(url)
-    port = _free_port()
     env = {
         **os.environ,
         "QUARRY_DATABASE_URL": url,
         "QUARRY_DATA_DIR": str(tmp_path),
         "QUARRY_PIPELINES_FILE": str(Path(__file__).resolve().parents[2] / "pipelines.toml"),
     }
-    log = (tmp_path / "api.log").open("wb")
-    process = subprocess.Popen(
-        [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, "the API to answer", 30)
+    process, base = serve_api(env, tmp_path / "api.log")
     store = Store(url)
     yield Api(base, store, process)
     process.terminate()
     process.wait(timeout=10)
     store.close()
-    log.close()
 
 
 def test_health_and_readiness(api: Api) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,17 +12,11 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.acceptance.harness import Cluster, wait_for
+from tests.acceptance.harness import Cluster, serve_api
 from worker import jsonfmt
 from worker.models import Level, NewEntry, Status
 
 QUARRY = Path(sys.executable).parent / "quarry"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["redis", "polling"])
@@ -32,28 +25,14 @@ def served(
 ) -> Iterator[tuple[Cluster, str]]:
     """A Redis + PostgreSQL cluster with one worker and ``quarry serve``; wake-ups by Redis or polling."""
     cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
-    port = _free_port()
     env = dict(cluster.env)
     if request.param == "polling":
         env["QUARRY_BROKER_URL"] = ""  # the API then has no Redis to subscribe to
         env["QUARRY_REDIS_URL"] = ""
-    log = (tmp_path / "api.log").open("wb")
-    api = subprocess.Popen(
-        [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, "the API", 30)
+    api, base = serve_api(env, tmp_path / "api.log")
     yield cluster, base
     api.terminate()
     api.wait(timeout=10)
-    log.close()
     cluster.close()
 
 
