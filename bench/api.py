@@ -6,10 +6,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ import psycopg
 from httpx_sse import aconnect_sse
 
 from bench.ingest import NullStream
+from tests.acceptance.harness import serve_api
 from worker import jsonfmt, runlog
 from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
@@ -30,12 +29,6 @@ from worker.store import Store
 QUARRY = Path(sys.executable).parent / "quarry"
 TOTAL, BIG = 1_000_000, 200_000
 COLUMNS = "run_id, level, event, message, data, worker_id, attempt, occurred_at"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def populate(url: str) -> tuple[str, list[int]]:
@@ -94,25 +87,6 @@ def populate(url: str) -> tuple[str, list[int]]:
     return big, ids
 
 
-def serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``quarry serve`` and wait for it."""
-    port = _port()
-    proc = subprocess.Popen(
-        [str(QUARRY), "serve", "--port", str(port)],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("API did not start")
-
-
 def _timed(fn: Any, n: int) -> list[float]:
     fn()
     out = []
@@ -143,7 +117,7 @@ def pages(url: str, samples: int = 40) -> list[tuple[str, list[float], list[floa
     store = Store(url)
     _, secret = store.create_token("read")
     store.close()
-    proc, base = serve(env, tmp / "api.log")
+    proc, base = serve_api(env, tmp / "api.log")
     last_cursor = str(ids[-1001])
     cases = {
         "first page": ({}, 0, None),
@@ -247,7 +221,7 @@ def stream_latency(
         "QUARRY_BROKER_URL": "",
         "QUARRY_REDIS_URL": redis_url,
     }
-    proc, base = serve(env, tmp / "api.log")
+    proc, base = serve_api(env, tmp / "api.log")
     lags: list[list[float]] = [[] for _ in range(clients)]
     try:
 

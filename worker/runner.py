@@ -332,25 +332,61 @@ class Runner:
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         """Commit a checkpoint with its entries (and what was buffered before them) at once."""
+        self._state_change(
+            a.lease,
+            emit,
+            lambda entries: self.store.commit(
+                a.lease,
+                entries,
+                checkpoint=checkpoint,
+                summary=a.telemetry.snapshot(),
+                before_commit=before_commit,
+            ),
+        )
+        a.checkpoint = checkpoint
+
+    def _finish(
+        self,
+        lease: Lease,
+        status: Status,
+        emit: Callable[[], None],
+        *,
+        telemetry: Telemetry,
+        error: str | None = None,
+    ) -> None:
+        """End the attempt with ``status`` and its entries, in one fenced transaction."""
+        self._state_change(
+            lease,
+            emit,
+            lambda entries: self.store.finish(
+                lease, status, entries, error_summary=error, summary=telemetry.snapshot()
+            ),
+        )
+
+    def _state_change(
+        self,
+        lease: Lease,
+        emit: Callable[[], None],
+        write: Callable[[list[NewEntry]], None],
+    ) -> None:
+        """Write a state change with the entries ``emit`` logs and everything buffered before.
+
+        The writer's lock keeps the buffered batches and this transaction in log
+        order. If the write fails for another reason than a lost lease, the
+        buffered entries go back to the writer: a database blip loses none.
+        """
         writer = self.rt.writer
         with writer.io_lock:
             with self.rt.sink.hold() as held:
                 emit()
-            earlier = self._take_own(a.lease.run_id)
+            earlier = self._take_own(lease.run_id)
             try:
-                self.store.commit(
-                    a.lease,
-                    [*earlier, *held],
-                    checkpoint=checkpoint,
-                    summary=a.telemetry.snapshot(),
-                    before_commit=before_commit,
-                )
+                write([*earlier, *held])
             except LeaseLost:
                 raise
             except Exception:
                 writer.requeue(earlier)
                 raise
-        a.checkpoint = checkpoint
 
     def _take_own(self, run_id: str) -> list[NewEntry]:
         pending = self.rt.writer.take()
@@ -359,30 +395,6 @@ class Runner:
         if others:
             self.rt.writer.requeue(others)
         return own
-
-    def _finish(
-        self,
-        a_lease: Lease,
-        status: Status,
-        emit: Callable[[], None],
-        *,
-        telemetry: Telemetry,
-        error: str | None = None,
-        checkpoint: dict[str, Any] | None = None,
-    ) -> None:
-        writer = self.rt.writer
-        with writer.io_lock:
-            with self.rt.sink.hold() as held:
-                emit()
-            earlier = self._take_own(a_lease.run_id)
-            self.store.finish(
-                a_lease,
-                status,
-                [*earlier, *held],
-                error_summary=error,
-                checkpoint=checkpoint,
-                summary=telemetry.snapshot(),
-            )
 
     # -- endings --------------------------------------------------------------
 

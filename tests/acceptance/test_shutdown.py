@@ -6,7 +6,6 @@ import collections
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from tests.acceptance.harness import (
     Cluster,
     WorkerProcess,
     expected_rows,
+    free_port,
     temp_files,
     wait_for,
     written_rows,
@@ -241,19 +241,13 @@ def test_attempts_exhausted_end_the_run(tmp_path: Path, pg_url: str, redis_url: 
         c.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_queued_runs_survive_a_redis_restart(tmp_path: Path, pg_url: str) -> None:
     """Redis restarted without persistence loses the messages; the watchdog re-publishes the runs."""
     server = shutil.which("redis-server")
     if server is None:
         require("redis-server", FileNotFoundError("redis-server"))
     assert server is not None
-    port = _free_port()
+    port = free_port()
     argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     c = Cluster(tmp_path, database_url=pg_url, broker_url=f"redis://127.0.0.1:{port}/0")

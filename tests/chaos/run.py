@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,14 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.acceptance.harness import Cluster, WorkerProcess, expected_rows, temp_files, written_rows
+from tests.acceptance.harness import (
+    Cluster,
+    WorkerProcess,
+    expected_rows,
+    free_port,
+    temp_files,
+    written_rows,
+)
 from worker.models import Entry, Status
 
 PG_ADMIN = os.environ.get(
@@ -53,13 +59,6 @@ class Faults:
 
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     hard_stops: list[tuple[str, float]] = field(default_factory=list)  # (run_id, wall time)
-
-
-def free_port() -> int:
-    """An unused TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_IDLE_IN_TRANSACTION_MS = 5_000
 #: And a statement (a COPY whose client froze half-way) at most this long.
 PG_STATEMENT_TIMEOUT_MS = 30_000
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything Quarry stores is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 def make_engine(url: str, *, immediate: bool = True) -> Engine:

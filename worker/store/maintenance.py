@@ -8,11 +8,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 
+from worker.store.engine import aware
 from worker.store.tables import log_entries, runs, telemetry_samples
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class MaintenanceQueries:
@@ -117,4 +114,4 @@ class MaintenanceQueries:
             .order_by(telemetry_samples.c.at, telemetry_samples.c.id)
         )
         with self._reader.connect() as conn:
-            return [(_aware(row[0]), row[1]) for row in conn.execute(query)]
+            return [(aware(row[0]) or datetime.now(UTC), row[1]) for row in conn.execute(query)]

@@ -45,7 +45,7 @@ from worker.models import (
     can_transition,
 )
 from worker.store import migrate
-from worker.store.engine import db_epoch, make_engine
+from worker.store.engine import aware, db_epoch, make_engine
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.tables import log_entries, runs
 from worker.store.tokens import TokenQueries
@@ -141,13 +141,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything Quarry stores is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def new_run_id() -> str:
     """A fresh, unguessable run id."""
     return f"run_{secrets.token_hex(8)}"
@@ -164,16 +157,16 @@ def _run_from_row(row: Any) -> Run:
         lease_owner=row.lease_owner,
         lease_epoch=row.lease_epoch,
         lease_expires_at=row.lease_expires_at,
-        heartbeat_at=_aware(row.heartbeat_at),
+        heartbeat_at=aware(row.heartbeat_at),
         checkpoint=row.checkpoint or {},
         telemetry_summary=row.telemetry_summary or {},
         error_summary=row.error_summary,
         cancel_requested=bool(row.cancel_requested),
-        created_at=_aware(row.created_at) or utcnow(),
-        queued_at=_aware(row.queued_at) or utcnow(),
-        started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at),
-        updated_at=_aware(row.updated_at) or utcnow(),
+        created_at=aware(row.created_at) or utcnow(),
+        queued_at=aware(row.queued_at) or utcnow(),
+        started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at),
+        updated_at=aware(row.updated_at) or utcnow(),
     )
 
 
@@ -187,7 +180,7 @@ def _entry_from_row(row: Any) -> Entry:
         data=row.data or {},
         worker_id=row.worker_id,
         attempt=row.attempt,
-        occurred_at=_aware(row.occurred_at) or utcnow(),
+        occurred_at=aware(row.occurred_at) or utcnow(),
     )
 
 

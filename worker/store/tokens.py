@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from worker.store.engine import aware
 from worker.store.tables import api_tokens
 
 #: Prefix of every token secret, so scanners and the scrubber can recognise one.
@@ -38,17 +39,13 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _token(row: Any) -> Token:
     return Token(
         id=row.id,
         name=row.name,
         scope=row.scope,
-        created_at=_aware(row.created_at) or datetime.now(UTC),
-        revoked_at=_aware(row.revoked_at),
+        created_at=aware(row.created_at) or datetime.now(UTC),
+        revoked_at=aware(row.revoked_at),
     )
 
 
