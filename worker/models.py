@@ -95,6 +95,8 @@ class Event(enum.StrEnum):
     WATCHDOG_FAST_RECOVERY = "watchdog_fast_recovery"
     WATCHDOG_CANCELLED = "watchdog_cancelled"
     LOG_TRUNCATED = "log_truncated"
+    SCHEMA_CHANGED = "schema_changed"
+    SOURCE_RETRY = "source_retry"
 
 
 #: Events after which a run's log gets no more entries until it is re-queued.

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.errors import ConfigError, UnknownPipeline
 
@@ -38,33 +46,56 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
 
 
 class SliceSpec(BaseModel):
-    """Time windows a resource is extracted in: ``[start, end)`` in steps."""
+    """Windows a resource is extracted in: ``[start, end)`` in steps.
+
+    Either time windows (``start``/``end`` datetimes, ``step`` a duration such as
+    ``1h``) or integer windows (``start``/``end``/``step`` integers, for an id or
+    sequence column).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start: datetime
-    end: datetime
-    step: timedelta
+    start: int | datetime
+    end: int | datetime
+    step: int | timedelta
 
     @field_validator("step", mode="before")
     @classmethod
-    def _step(cls, value: Any) -> timedelta:
+    def _step(cls, value: Any, info: ValidationInfo) -> Any:
+        start = info.data.get("start")
+        if isinstance(start, int) or isinstance(value, timedelta):
+            return value  # integer windows take an integer step
         return parse_duration(value)
 
     @field_validator("start", "end")
     @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    def _utc(cls, value: int | datetime) -> int | datetime:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> SliceSpec:
-        if self.end <= self.start:
+        integer = [isinstance(v, int) for v in (self.start, self.end, self.step)]
+        if any(integer) and not all(integer):
+            msg = "start, end and step must all be integers, or datetimes and a duration"
+            raise ValueError(msg)
+        if self.end <= self.start:  # type: ignore[operator]  # same kind, checked above
             msg = "end must be after start"
             raise ValueError(msg)
-        if self.step <= timedelta(0):
+        if (self.step <= 0) if isinstance(self.step, int) else (self.step <= timedelta(0)):
             msg = "step must be positive"
             raise ValueError(msg)
         return self
+
+
+#: A window bound: a UTC datetime for time slices, an integer for id slices.
+Bound = int | datetime
+
+
+def format_bound(value: Bound) -> str | int:
+    """A bound as it appears in log entries: ISO 8601 or the integer itself."""
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +104,14 @@ class Window:
 
     index: int
     total: int
-    start: datetime
-    end: datetime
+    start: Bound
+    end: Bound
 
 
 def plan_slices(spec: SliceSpec) -> list[Window]:
     """Every window of ``spec``, in order; the last one ends at ``spec.end``."""
-    bounds: list[tuple[datetime, datetime]] = []
-    cursor = spec.start
+    bounds: list[tuple[Any, Any]] = []
+    cursor: Any = spec.start
     while cursor < spec.end:
         upper = min(cursor + spec.step, spec.end)
         bounds.append((cursor, upper))
@@ -129,6 +160,14 @@ class Pipeline(BaseModel):
             msg = f"duplicate resource names: {', '.join(duplicates)}"
             raise ValueError(msg)
         return self
+
+
+def option_errors(prefix: str, error: ValidationError) -> str:
+    """A plugin's option errors, each naming its field: ``source.page_size: …; …``."""
+    return "; ".join(
+        f"{prefix}.{'.'.join(str(p) for p in item['loc']) or '(options)'}: {item['msg']}"
+        for item in error.errors()
+    )
 
 
 def _format_error(path: Path, pipeline: str, error: ValidationError) -> str:

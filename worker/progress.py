@@ -52,9 +52,20 @@ def record_slice(
     files: int,
     bytes_: int,
     seconds: float,
+    since: Any = None,
+    high_water: Any = None,
 ) -> dict[str, Any]:
-    """A new checkpoint with slice ``index`` of ``resource`` committed."""
+    """A new checkpoint with slice ``index`` of ``resource`` committed.
+
+    ``since`` and ``high_water`` are incremental marks, already JSON-encoded:
+    where this run started reading the resource, and the highest cursor value
+    it has read so far (kept across slices).
+    """
     state = resource_state(checkpoint, resource)
+    if since is not None:
+        state["since"] = since
+    if high_water is not None:
+        state["high_water"] = high_water
     state.update(
         status="in_progress",
         next_slice=index + 1,
@@ -83,6 +94,11 @@ def _with_resource(
     resources = dict(checkpoint.get("resources", {}))
     resources[resource] = state
     return {**checkpoint, "resources": resources, "position": position}
+
+
+def high_water(checkpoint: dict[str, Any], resource: str) -> Any:
+    """The JSON-encoded high-water mark a checkpoint holds for ``resource`` (or None)."""
+    return resource_state(checkpoint, resource).get("high_water")
 
 
 def totals(checkpoint: dict[str, Any]) -> dict[str, int]:

@@ -13,20 +13,29 @@ import enum
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker import progress
 from worker.destinations import Destination, SliceKey, StagedSlice, build_destination
+from worker.envrefs import resolve_and_register
 from worker.errors import LeaseLost, QuarryError, SourceError, StopRequested
 from worker.heartbeat import Heartbeat
 from worker.models import Event, Lease, NewEntry, Status
-from worker.pipelines import Pipeline, ResourceConfig, Window, get_pipeline, plan_slices
+from worker.pipelines import (
+    Pipeline,
+    ResourceConfig,
+    Window,
+    format_bound,
+    get_pipeline,
+    plan_slices,
+)
 from worker.runlog import get_logger
 from worker.runtime import Runtime
 from worker.scrub import scrubber
 from worker.signals import StopFlag
 from worker.sources import Source, build_source
+from worker.sources.base import ReadContext, decode_mark, encode_mark
 from worker.telemetry import Telemetry
 
 #: Longest error summary stored on a run.
@@ -55,6 +64,8 @@ class _Attempt:
     telemetry: Telemetry
     heartbeat: Heartbeat
     started: float
+    #: High-water marks (JSON-encoded) of the last successful run, by resource.
+    previous_marks: dict[str, Any] = field(default_factory=dict)
 
 
 def error_summary(exc: BaseException) -> str:
@@ -120,12 +131,16 @@ class Runner:
 
     def _run(self, a: _Attempt, params: dict[str, Any]) -> Outcome:
         pipeline = a.pipeline
-        source = build_source(pipeline.source.type, {**pipeline.source.options(), **params})
+        # Secret references resolve here, at run time, and are registered with the
+        # scrubber before anything can log them. Run params are taken literally.
+        source_options = resolve_and_register(pipeline.source.options(), "source")
+        destination_options = resolve_and_register(pipeline.destination.options(), "destination")
+        a.previous_marks = self._previous_marks(pipeline.name)
+        source = build_source(pipeline.source.type, {**source_options, **params})
+        destination: Destination | None = None
         try:
             destination = build_destination(
-                pipeline.destination.type,
-                pipeline.destination.options(),
-                self.settings.files_root,
+                pipeline.destination.type, destination_options, self.settings.files_root
             )
             plans = {
                 r.name: (plan_slices(r.slices) if r.slices else None) for r in pipeline.resources
@@ -169,6 +184,20 @@ class Runner:
             return Outcome.SUCCEEDED
         finally:
             source.close()
+            if destination is not None:
+                destination.close()
+
+    def _previous_marks(self, pipeline: str) -> dict[str, Any]:
+        """Each resource's high-water mark from the last successful run of ``pipeline``."""
+        last = self.store.list_runs(status=Status.SUCCEEDED, pipeline=pipeline, limit=1)
+        if not last:
+            return {}
+        resources = last[0].checkpoint.get("resources", {})
+        return {
+            name: state["high_water"]
+            for name, state in resources.items()
+            if isinstance(state, dict) and state.get("high_water") is not None
+        }
 
     @staticmethod
     def _units_already_done(
@@ -269,15 +298,23 @@ class Runner:
                 resource=name,
                 slice=window.index,
                 total_slices=window.total,
-                window_start=window.start.isoformat(),
-                window_end=window.end.isoformat(),
+                window_start=format_bound(window.start),
+                window_end=format_bound(window.end),
             )
         key = SliceKey(
             a.pipeline.name, a.lease.run_id, name, window.index if window else 0, a.lease.epoch
         )
-        staged: StagedSlice = destination.stage(key)
+        state = progress.resource_state(a.checkpoint, name)
+        since = state["since"] if "since" in state else a.previous_marks.get(name)
+        context = ReadContext(
+            log=a.log,
+            since=decode_mark(since),
+            high_water=decode_mark(state.get("high_water", since)),
+            pause=lambda seconds: self._pause(a, seconds),
+        )
+        staged: StagedSlice = destination.stage(key, a.log)
         try:
-            for page in source.read(resource, window):
+            for page in source.read(resource, window, context):
                 staged.write(page)
                 self._check(a)
             stats = staged.seal()
@@ -290,6 +327,8 @@ class Runner:
                 files=stats.files,
                 bytes_=stats.bytes,
                 seconds=seconds,
+                since=since,
+                high_water=encode_mark(context.high_water),
             )
             emit: Callable[[], None] = lambda: None  # noqa: E731 - an unsliced resource says nothing
             if window is not None:
@@ -322,6 +361,14 @@ class Runner:
             raise StopRequested(self.stop.signal_name or "SIGTERM")
         if a.heartbeat.cancel_requested.is_set():
             raise StopRequested("cancelled")
+
+    def _pause(self, a: _Attempt, seconds: float) -> None:
+        """A source's backoff sleep, itself a safe point: it ends early on a stop."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._check(a)
+            self.stop.wait(min(left, 0.25))
+        self._check(a)
 
     def _commit(
         self,

@@ -25,6 +25,7 @@ from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
 from worker.settings import Settings
 from worker.signals import child_pids
+from worker.sources.base import ReadContext
 from worker.sources.demo import DemoSource
 from worker.store import Store
 
@@ -258,7 +259,11 @@ def expected_rows(
         for w in windows:
             name = f"{resource.name}-{w.index:05d}.jsonl.gz" if w else f"{resource.name}.jsonl.gz"
             rows = [
-                row for page in source.read(ResourceConfig(name=resource.name), w) for row in page
+                row
+                for page in source.read(
+                    ResourceConfig(name=resource.name), w, ReadContext(log=None)
+                )
+                for row in page
             ]
             out[f"{resource.name}/{name}"] = json.loads(json.dumps(rows, default=str))
     return out

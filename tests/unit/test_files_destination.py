@@ -23,7 +23,7 @@ def test_nothing_visible_until_publish(tmp_path: Path) -> None:
     """A staged slice is invisible until publish, then holds every row once."""
     dest = FilesDestination(tmp_path)
     key = SliceKey("p", "run_1", "events", 7, epoch=1)
-    staged = dest.stage(key)
+    staged = dest.stage(key, None)
     staged.write([{"id": 1}, {"id": 2}])
     staged.write([{"id": 3}])
     final = slice_path(tmp_path, key)
@@ -42,7 +42,7 @@ def test_redone_slice_replaces(tmp_path: Path) -> None:
     """A later epoch writing the same slice replaces the file, never adds a second one."""
     dest = FilesDestination(tmp_path)
     for epoch, rows in ((1, [{"v": "old"}]), (2, [{"v": "new"}])):
-        staged = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=epoch))
+        staged = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=epoch), None)
         staged.write(rows)
         staged.seal()
         staged.publish()
@@ -54,16 +54,16 @@ def test_redone_slice_replaces(tmp_path: Path) -> None:
 def test_discard_and_stale_temps_leave_nothing(tmp_path: Path) -> None:
     """Discard removes the temp file; a killed writer's temp is removed by the next epoch."""
     dest = FilesDestination(tmp_path)
-    killed = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=1))
+    killed = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=1), None)
     killed.write([{"id": 1}])  # never sealed: its process "died"
-    staged = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=2))
+    staged = dest.stage(SliceKey("p", "run_1", "events", 1, epoch=2), None)
     staged.discard()
     assert list((tmp_path / "p" / "run_1" / "events").iterdir()) == []
 
 
 def test_unserialisable_row_names_the_row(tmp_path: Path) -> None:
     """A row that cannot be serialised (here: circular) fails the slice naming the row."""
-    staged = FilesDestination(tmp_path).stage(SliceKey("p", "r", "x", 1, epoch=1))
+    staged = FilesDestination(tmp_path).stage(SliceKey("p", "r", "x", 1, epoch=1), None)
     circular: dict[str, object] = {}
     circular["self"] = circular
     with pytest.raises(DestinationError, match="row 2"):

@@ -16,12 +16,16 @@ def build_destination(kind: str, options: Mapping[str, Any], files_root: Path) -
     """A destination of type ``kind``; raises :class:`ConfigError` for an unknown type."""
     if kind == "files":
         return FilesDestination.from_options(options, files_root)
+    if kind == "sql":
+        from worker.destinations.postgres import PostgresDestination  # noqa: PLC0415 - psycopg
+
+        return PostgresDestination.from_options(dict(options))
     if kind == "null":
         if options:
             msg = f"destination: the null destination takes no options, got {sorted(options)}"
             raise ConfigError(msg)
         return NullDestination()
-    msg = f"destination.type: unknown destination {kind!r} (known: files, null)"
+    msg = f"destination.type: unknown destination {kind!r} (known: files, null, sql)"
     raise ConfigError(msg)
 
 

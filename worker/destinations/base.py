@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +37,7 @@ class StagedSlice(Protocol):
     and atomic (a rename, a commit); the slow work belongs in ``seal``.
     """
 
-    def write(self, rows: Iterable[Row]) -> None:
+    def write(self, rows: list[Row]) -> None:
         """Add a page of rows."""
         ...
 
@@ -58,10 +57,14 @@ class StagedSlice(Protocol):
 class Destination(Protocol):
     """Where rows go."""
 
-    def stage(self, key: SliceKey) -> StagedSlice:
-        """Begin writing one slice."""
+    def stage(self, key: SliceKey, log: Any) -> StagedSlice:
+        """Begin writing one slice; ``log`` is the run's logger (for schema changes)."""
         ...
 
     def describe(self) -> dict[str, Any]:
         """Non-secret facts for the run log (kind, location)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; called once when the attempt ends."""
         ...

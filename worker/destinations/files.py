@@ -1,9 +1,10 @@
-"""The files destination: one gzip'd JSONL file per slice, published by atomic rename.
+"""The files destination: one file per slice (gzip'd JSONL or Parquet), published by rename.
 
 File names are deterministic by run, resource and slice, so a redone slice
 replaces its file. Rows go to a temporary file next to the final one, which
 is fsync'd and renamed over it on publish: a reader sees the old file or the
-whole new one, never half a slice.
+whole new one, never half a slice. ``format = "parquet"`` needs the
+``parquet`` extra (pyarrow); see :mod:`worker.destinations.parquet`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import contextlib
 import gzip
 import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from worker.destinations.base import SliceKey, SliceStats
+from worker.destinations.base import SliceKey, SliceStats, StagedSlice
 from worker.errors import ConfigError, DestinationError
 from worker.sources.base import Row
 
@@ -32,35 +34,47 @@ class FilesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: Path | None = None
+    format: Literal["jsonl", "parquet"] = "jsonl"
 
 
-def slice_path(root: Path, key: SliceKey) -> Path:
+#: The epoch in a temporary name: ``.name.e12.tmp`` (``.tmp.old`` while a Parquet file widens).
+_TEMP_EPOCH = re.compile(r"\.e(\d+)\.tmp(?:\.old)?$")
+
+#: File name suffix by format.
+SUFFIXES = {"jsonl": ".jsonl.gz", "parquet": ".parquet"}
+
+
+def slice_path(root: Path, key: SliceKey, suffix: str = ".jsonl.gz") -> Path:
     """Where a slice's file lives: ``root/pipeline/run/resource/resource-00001.jsonl.gz``."""
-    name = f"{key.resource}-{key.index:05d}.jsonl.gz" if key.index else f"{key.resource}.jsonl.gz"
+    name = f"{key.resource}-{key.index:05d}{suffix}" if key.index else f"{key.resource}{suffix}"
     return root / key.pipeline / key.run_id / key.resource / name
 
 
+def temp_path(final: Path, epoch: int) -> Path:
+    """The epoch's temporary name for ``final``, after removing older epochs' leftovers.
+
+    A worker killed mid-slice leaves its temp file behind; a later epoch owns the slice now.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.e*.tmp*"):
+        found = _TEMP_EPOCH.search(stale.name)
+        if found and int(found.group(1)) <= epoch:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return final.with_name(f".{final.name}.e{epoch}.tmp")
+
+
 class StagedFile:
-    """A slice file being written under a temporary name."""
+    """A gzip'd JSONL slice file being written under a temporary name."""
 
     def __init__(self, final: Path, epoch: int) -> None:
         self.final = final
-        self.temp = final.with_name(f".{final.name}.e{epoch}.tmp")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps(final, epoch)
+        self.temp = temp_path(final, epoch)
         self._raw: IO[bytes] = self.temp.open("wb")
         self._gzip = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=COMPRESSLEVEL)
         self.rows = 0
 
-    @staticmethod
-    def _remove_stale_temps(final: Path, epoch: int) -> None:
-        # A worker killed mid-slice leaves its temp file behind; a later epoch owns the slice now.
-        for stale in final.parent.glob(f".{final.name}.e*.tmp"):
-            with contextlib.suppress(ValueError, OSError):
-                if int(stale.name.rsplit(".e", 1)[1].removesuffix(".tmp")) <= epoch:
-                    stale.unlink()
-
-    def write(self, rows: Iterable[Row]) -> None:
+    def write(self, rows: list[Row]) -> None:
         """Append rows as JSON lines."""
         lines = []
         for row in rows:
@@ -95,10 +109,11 @@ class StagedFile:
 
 
 class FilesDestination:
-    """Writes each slice to its own gzip'd JSONL file under ``root``."""
+    """Writes each slice to its own file under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fmt: str = "jsonl") -> None:
         self.root = root
+        self.format = fmt
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_root: Path) -> FilesDestination:
@@ -111,16 +126,30 @@ class FilesDestination:
                 for e in exc.errors()
             )
             raise ConfigError(fields) from None
-        return cls(config.path or default_root)
+        if config.format == "parquet":
+            try:
+                import pyarrow  # noqa: F401, PLC0415 - only checks the optional extra is there
+            except ImportError:
+                msg = "destination.format: parquet needs pyarrow: pip install 'quarry[parquet]'"
+                raise ConfigError(msg) from None
+        return cls(config.path or default_root, config.format)
 
-    def stage(self, key: SliceKey) -> StagedFile:
+    def stage(self, key: SliceKey, log: Any) -> StagedSlice:
         """Open a temporary file for the slice."""
+        final = slice_path(self.root, key, SUFFIXES[self.format])
         try:
-            return StagedFile(slice_path(self.root, key), key.epoch)
+            if self.format == "parquet":
+                from worker.destinations.parquet import StagedParquet  # noqa: PLC0415 - optional
+
+                return StagedParquet(final, key.epoch, log)
+            return StagedFile(final, key.epoch)
         except OSError as exc:
             msg = f"cannot write under {self.root}: {exc.strerror}"
             raise DestinationError(msg) from None
 
     def describe(self) -> dict[str, Any]:
-        """Kind and root directory."""
-        return {"type": "files", "path": str(self.root)}
+        """Kind, format and root directory."""
+        return {"type": "files", "format": self.format, "path": str(self.root)}
+
+    def close(self) -> None:
+        """Nothing held between slices."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from worker.destinations.base import SliceKey, SliceStats
@@ -15,7 +14,7 @@ class NullSlice:
     def __init__(self) -> None:
         self.rows = 0
 
-    def write(self, rows: Iterable[Row]) -> None:
+    def write(self, rows: list[Row]) -> None:
         """Count the rows."""
         self.rows += sum(1 for _ in rows)
 
@@ -33,10 +32,13 @@ class NullSlice:
 class NullDestination:
     """Discards every row."""
 
-    def stage(self, key: SliceKey) -> NullSlice:
+    def stage(self, key: SliceKey, log: Any) -> NullSlice:
         """A counting slice."""
         return NullSlice()
 
     def describe(self) -> dict[str, Any]:
         """Kind only."""
         return {"type": "null"}
+
+    def close(self) -> None:
+        """Nothing held."""

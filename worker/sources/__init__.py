@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from worker.errors import ConfigError
 from worker.sources.base import Row, Source
 from worker.sources.demo import DemoSource
+from worker.sources.http import HttpSource
+from worker.sources.sql import SqlSource
 
 #: Source types by the name a pipeline's ``source.type`` uses.
-SOURCES = {"demo": DemoSource.from_options}
+SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {
+    "demo": DemoSource.from_options,
+    "http": HttpSource.from_options,
+    "sql": SqlSource.from_options,
+}
 
 
 def build_source(kind: str, options: Mapping[str, Any]) -> Source:

@@ -11,14 +11,14 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.errors import ConfigError, SourceError
 from worker.pipelines import ResourceConfig, Window
-from worker.sources.base import Row
+from worker.sources.base import ReadContext, Row
 
 METRICS = ("Received Email", "Opened Email", "Clicked Email", "Viewed Product", "Placed Order")
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia")
@@ -76,7 +76,9 @@ class DemoSource:
             msg = f"source.fail_at: expected resource:slice:page, got {spec!r}"
             raise ConfigError(msg) from None
 
-    def read(self, resource: ResourceConfig, window: Window | None) -> Iterator[list[Row]]:
+    def read(
+        self, resource: ResourceConfig, window: Window | None, _context: ReadContext
+    ) -> Iterator[list[Row]]:
         """Yield pages of ``resource`` rows for ``window``."""
         name = resource.name
         make: Callable[[int, Window | None], Row]
@@ -122,11 +124,10 @@ class DemoSource:
     def _event(self, n: int, window: Window | None) -> Row:
         index = window.index if window else 0
         rng = _rng(self.config.seed, "event", index, n)
-        if window is not None:
+        at = None
+        if window and isinstance(window.start, datetime) and isinstance(window.end, datetime):
             span = (window.end - window.start).total_seconds()
             at = window.start + timedelta(seconds=rng.uniform(0, span))
-        else:
-            at = None
         return {
             "id": f"evt_{index:05d}_{n:07d}",
             "profile_id": f"prof_{rng.randrange(max(self.config.profiles, 1)):08d}",
