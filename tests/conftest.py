@@ -20,6 +20,7 @@ PG_ADMIN_URL = os.environ.get(
     "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MYSQL_URL = os.environ.get("QUARRY_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
 def require(service: str, error: BaseException) -> None:
@@ -63,6 +64,20 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """The MariaDB / MySQL test database's URL, after a connection check."""
+    engine = create_engine(MYSQL_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        require("MariaDB", exc)
+    finally:
+        engine.dispose()
+    return MYSQL_URL
 
 
 @pytest.fixture

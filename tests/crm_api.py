@@ -180,5 +180,5 @@ class _Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":  # pragma: no cover - a standalone server for poking by hand
     server = CrmServer(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "crm-token")
-    print(f"serving on {server.url}", flush=True)
+    sys.stdout.write(f"serving on {server.url}\n")
     server.serve_forever()

@@ -210,8 +210,10 @@ class HttpSource:
         url: str = spec.path
         if isinstance(pagination, PageNumber):
             params[pagination.page_param] = pagination.start
+        query: dict[str, Any] | None = params
+        request = (url, query)
         for _ in range(MAX_PAGES):
-            response = self._get(url, params, resource.name, context)
+            response = self._get(url, query, resource.name, context)
             body = self._json(response, resource.name)
             records = dig(body, spec.records)
             if not isinstance(records, list):
@@ -227,10 +229,14 @@ class HttpSource:
                     context.observe(max(marks))
             if page:
                 yield page
-            following = self._next(pagination, body, response, params, page)
+            following = self._next(pagination, body, response, query or {}, page)
             if following is None:
                 return
-            url, params = following
+            if following == request:
+                msg = f"{resource.name}: the API's next page is the page just read; stopping"
+                raise SourceError(msg)
+            request = following
+            url, query = following
         msg = f"{resource.name}: more than {MAX_PAGES:,} pages; the API's pagination loops"
         raise SourceError(msg)
 
@@ -241,13 +247,13 @@ class HttpSource:
         response: httpx.Response,
         params: dict[str, Any],
         page: list[Row],
-    ) -> tuple[str, dict[str, Any]] | None:
+    ) -> tuple[str, dict[str, Any] | None] | None:
         if isinstance(pagination, NextLink):
             link = dig(body, pagination.next) if pagination.next else None
             if not pagination.next:
                 link = response.links.get("next", {}).get("url")
-            # The next link carries its own query string.
-            return (str(link), {}) if link else None
+            # The next link carries its own query string (an empty params dict would drop it).
+            return (str(link), None) if link else None
         if isinstance(pagination, CursorPagination):
             cursor = dig(body, pagination.cursor_path)
             if cursor in (None, ""):
@@ -268,7 +274,7 @@ class HttpSource:
         return None
 
     def _get(
-        self, url: str, params: dict[str, Any], resource: str, context: ReadContext
+        self, url: str, params: dict[str, Any] | None, resource: str, context: ReadContext
     ) -> httpx.Response:
         """One GET under the retry budget; the last failure becomes a SourceError."""
         cfg = self.config
