@@ -195,3 +195,14 @@ def test_a_source_read_can_be_abandoned_mid_slice(source: SqlSource) -> None:
     next(pages)
     pages.close()
     assert len(rows_of(source, resource)) == COUNT  # the pool's connection is usable again
+
+
+def test_a_query_may_place_the_window_and_mark_itself(source: SqlSource) -> None:
+    """``:window_start``/``:window_end``/``:since`` bind inside the query (no outer filter)."""
+    query = "SELECT id, customer FROM src_orders WHERE id >= :window_start AND id < :window_end AND id > :since"
+    spec = SliceSpec(start=0, end=1000, step=500)
+    resource = ResourceConfig(
+        name="q", slices=spec, options={"query": query, "cursor_column": "id"}
+    )
+    ids = [r["id"] for w in plan_slices(spec) for r in rows_of(source, resource, w, since=100)]
+    assert sorted(ids) == list(range(101, 1000))

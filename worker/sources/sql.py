@@ -4,13 +4,16 @@ Each resource is a table (``table``, optional ``schema``) or a query
 (``query``). A sliced resource filters ``slice_column`` to each window
 (``start <= column < end``; a timestamp column for time slices, an integer one
 for id slices). An incremental resource (``cursor_column``) reads only rows
-above the high-water mark of the last successful run. Rows stream through a
+above the high-water mark of the last successful run. A query may place the
+filters itself with ``:window_start`` / ``:window_end`` and ``:since`` where
+the planner cannot push an outer filter in (aggregates, volatile functions). Rows stream through a
 server-side cursor (PostgreSQL named cursors, MySQL ``SSCursor``) in pages of
 ``page_size``, so memory stays flat however large the table is.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -96,7 +99,8 @@ class SqlSource:
             spec = SqlResource.model_validate(resource.options)
         except ValidationError as exc:
             raise ConfigError(option_errors(where, exc)) from None
-        if resource.slices is not None and spec.slice_column is None:
+        own = placeholders(spec.query or "")
+        if resource.slices is not None and spec.slice_column is None and "window_start" not in own:
             msg = f"{where}.slice_column: a sliced resource needs the column its windows filter"
             raise ConfigError(msg)
         try:
@@ -127,8 +131,9 @@ class SqlSource:
     def _query(self, query: str) -> sa.FromClause:
         # The query's columns, without running it: an empty result carries the names.
         probe = sa.text(f"SELECT * FROM ({query}) AS quarry_q WHERE 1 = 0")  # noqa: S608 - the pipeline author's own query
+        nulls = {name: None for name in placeholders(query)}
         with self.engine.connect() as conn:
-            names = list(conn.execute(probe).keys())
+            names = list(conn.execute(probe, nulls).keys())
         return sa.text(query).columns(*(sa.column(n) for n in names)).subquery("quarry_q")
 
     def statement(
@@ -136,12 +141,13 @@ class SqlSource:
     ) -> sa.Select[Any]:
         """The SELECT one slice reads (exposed for tests and the docs)."""
         target, spec = self._target(resource)
+        own = placeholders(spec.query or "")
         columns = [target.c[c] for c in spec.columns] if spec.columns else list(target.c)
         stmt = sa.select(*columns)
-        if window is not None and spec.slice_column:
+        if window is not None and spec.slice_column and "window_start" not in own:
             col = target.c[spec.slice_column]
             stmt = stmt.where(col >= window.start, col < window.end)
-        if since is not None and spec.cursor_column:
+        if since is not None and spec.cursor_column and "since" not in own:
             stmt = stmt.where(target.c[spec.cursor_column] > since)
         if spec.order_by:
             stmt = stmt.order_by(*(target.c[c] for c in spec.order_by))
@@ -155,12 +161,18 @@ class SqlSource:
         """Stream the slice's rows in pages through a server-side cursor."""
         _, spec = self._target(resource)
         stmt = self.statement(resource, window, context.since)
+        values = {
+            "window_start": window.start if window else None,
+            "window_end": window.end if window else None,
+            "since": context.since,
+        }
+        bound = {k: v for k, v in values.items() if k in placeholders(spec.query or "")}
         cursor_column = spec.cursor_column
         size = self.config.page_size
         try:
             with self.engine.connect() as conn:
                 result = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
-                    stmt
+                    stmt, bound
                 )
                 keys = list(result.keys())
                 for part in result.partitions(size):
@@ -176,6 +188,14 @@ class SqlSource:
     def close(self) -> None:
         """Close the engine's connections."""
         self.engine.dispose()
+
+
+_PLACEHOLDER = re.compile(r"(?<![:\w]):(window_start|window_end|since)\b")
+
+
+def placeholders(query: str) -> set[str]:
+    """Which of ``:window_start``, ``:window_end`` and ``:since`` a query binds itself."""
+    return set(_PLACEHOLDER.findall(query))
 
 
 def _describe(exc: SQLAlchemyError) -> str:
