@@ -17,6 +17,7 @@ from tests.extract.conftest import RecordingLog
 from worker.destinations import SliceKey, build_destination
 from worker.destinations.postgres import PostgresDestination
 from worker.errors import ConfigError, DestinationError, LeaseLost
+from worker.sources.base import RowPage
 
 
 @pytest.fixture
@@ -199,3 +200,31 @@ def test_reserved_names_and_config_errors(
     with pytest.raises(ConfigError, match=r"destination\.tabel"):
         build_destination("sql", {"url": pg_url, "tabel": "x"}, None)  # type: ignore[arg-type]
     assert "password" not in str(d.describe())
+
+
+def test_sql_pages_stream_in_one_copy_and_errors_still_name_row_and_column(
+    target: tuple[PostgresDestination, psycopg.Connection[Any]],
+) -> None:
+    """Tuple pages (a SQL source) share one COPY per slice; a refused value names its row
+    counted across pages, and the slice leaves nothing."""
+    d, look = target
+    staged = d.stage(key(1), RecordingLog())
+    staged.write(RowPage(["id", "day"], [(1, date(2026, 1, 1)), (2, None)]))
+    staged.write(RowPage(["id", "day"], [(3, date(2026, 1, 3))]))
+    staged.seal()
+    staged.publish()
+    assert table(d, look) == [("run_1", 1, 1), ("run_1", 1, 2), ("run_1", 1, 3)]
+    staged = d.stage(key(2), RecordingLog())
+    with pytest.raises(
+        DestinationError, match=r"^row 3, column 'day': invalid input syntax for type date"
+    ):
+        staged.write(RowPage(["id", "day"], [(4, date(2026, 1, 4)), (5, None)]))
+        staged.write(RowPage(["id", "day"], [(6, "not a date")]))
+        staged.seal()
+    staged.discard()
+    staged = d.stage(key(2), RecordingLog())  # the connection is usable again
+    staged.write(RowPage(["id", "day"], [(4, None)]))
+    staged.write([{"id": 5, "day": None, "extra": {"json": True}}])  # a dict page after tuples
+    staged.seal()
+    staged.publish()
+    assert [r[2] for r in table(d, look)] == [1, 2, 3, 4, 5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.sources.base import Row
+from worker.sources.base import Page
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class StagedSlice(Protocol):
     and atomic (a rename, a commit); the slow work belongs in ``seal``.
     """
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: Page) -> None:
         """Add a page of rows."""
         ...
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.destinations.base import SliceKey, SliceStats, StagedSlice
 from worker.errors import ConfigError, DestinationError
-from worker.sources.base import Row
+from worker.sources.base import Page
 
 #: gzip level: 1 costs a fraction of the CPU of 6 for ~10 % larger files.
 COMPRESSLEVEL = 1
@@ -74,7 +74,7 @@ class StagedFile:
         self._gzip = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=COMPRESSLEVEL)
         self.rows = 0
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: Page) -> None:
         """Append rows as JSON lines."""
         lines = []
         for row in rows:

@@ -34,7 +34,7 @@ from worker.destinations.base import SliceStats
 from worker.destinations.files import temp_path
 from worker.errors import DestinationError
 from worker.models import Event
-from worker.sources.base import Row
+from worker.sources.base import Page, Row, RowPage
 
 #: Rows per row group: large enough for good compression and scans, small enough for memory.
 ROW_GROUP_ROWS = 65_536
@@ -42,12 +42,16 @@ ROW_GROUP_ROWS = 65_536
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 
 
-def to_table(page: list[Row], first_row: int) -> pa.Table:
+def to_table(page: Page, first_row: int) -> pa.Table:
     """A page as an Arrow table; an unstorable value fails naming its column and row."""
     try:
-        return pa.Table.from_pylist(page)
+        if isinstance(page, RowPage):  # columns straight from the tuples: no dict per row
+            columns = zip(*page.tuples, strict=True)
+            arrays = [pa.array(values) for values in columns]
+            return pa.Table.from_arrays(arrays, names=page.columns)
+        return pa.Table.from_pylist(list(page))
     except _ARROW_ERRORS as exc:
-        raise DestinationError(_locate(page, first_row, exc)) from None
+        raise DestinationError(_locate(list(page), first_row, exc)) from None
 
 
 def _locate(page: list[Row], first_row: int, exc: Exception) -> str:
@@ -127,13 +131,12 @@ class StagedParquet:
         self._buffered = 0
         self.rows = 0
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: Page) -> None:
         """Add a page of rows (converted now, written a row group at a time)."""
-        page = rows if isinstance(rows, list) else list(rows)
-        if not page:
+        if not rows:
             return
         first_row = self.rows + 1
-        table = to_table(page, first_row)
+        table = to_table(rows, first_row)
         if self.schema is None:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):

@@ -24,6 +24,7 @@ is absent. Schema drift:
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import uuid
 from datetime import date, datetime, time, timedelta
@@ -42,7 +43,7 @@ from worker.errors import ConfigError, DestinationError, LeaseLost
 from worker.models import Event
 from worker.pipelines import option_errors
 from worker.scrub import scrubber
-from worker.sources.base import Row
+from worker.sources.base import Page, RowPage
 
 #: Per-row bookkeeping columns; a user column must not use these names.
 META_COLUMNS = ("_quarry_run_id", "_quarry_slice", "_quarry_loaded_at")
@@ -90,7 +91,7 @@ def pg_type(value: Any) -> str | None:
     return "text"
 
 
-def _columns_of(page: list[Row]) -> list[str]:
+def _columns_of(page: Page) -> list[str]:
     """The page's column names: the first row's order, then later arrivals."""
     names = list(page[0])
     later = set().union(*page) - set(names)
@@ -214,6 +215,10 @@ class StagedTable:
         self._schema = dest.config.db_schema
         self._ident = sql.Identifier(self._schema, self.table)
         self.conn = dest.connection()
+        self._stream: contextlib.ExitStack | None = None
+        self._stream_columns: list[str] | None = None
+        self._stream_base = 0
+        self._copy_stream: Any = None
         try:
             self._claim()
             self.columns = self._load_columns()
@@ -256,31 +261,96 @@ class StagedTable:
 
     # -- writing --------------------------------------------------------------
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: Page) -> None:
         """COPY a page into the table under a savepoint; drift is handled first."""
         if not rows:
             return
-        names = _columns_of(rows)
+        names = rows.columns if isinstance(rows, RowPage) else _columns_of(rows)
         clash = [n for n in names if n in META_COLUMNS]
         if clash:
             msg = f"column {clash[0]!r} is reserved for Quarry's bookkeeping"
             raise DestinationError(msg)
+        if isinstance(rows, RowPage) and self._stream_rows(rows, names):
+            return
+        self._end_stream()
+        json = any(self.columns.get(n) == "jsonb" for n in names)
+        fast = not json and (isinstance(rows, RowPage) or all(len(r) == len(names) for r in rows))
         try:
             self._evolve(rows, names)
-            for attempt in range(len(names) + 1):
+            for attempt in range(len(names) + 2):
                 try:
                     with self.conn.transaction():  # a savepoint: a refused page undoes only itself
-                        self._copy(rows, names)
+                        self._copy(rows, names, fast=fast)
                     break
+                except (psycopg.ProgrammingError, TypeError):
+                    if not fast:
+                        raise
+                    fast = False  # an unadaptable value: the careful path names it
                 except psycopg.errors.DataError as exc:
-                    if attempt == len(names) or not self._widen_for(exc, rows):
+                    if attempt > len(names) or not self._widen_for(exc, rows):
                         raise DestinationError(self._locate(exc)) from None
         except psycopg.Error as exc:
             msg = f"{self.table}: {_first_line(exc)}"
             raise DestinationError(scrubber.text(msg)) from None
         self.rows += len(rows)
 
-    def _copy(self, rows: list[Row], names: list[str]) -> None:
+    def _stream_rows(self, rows: RowPage, names: list[str]) -> bool:
+        """Tuples from a SQL source go into one COPY that stays open across pages.
+
+        One COPY per slice lets PostgreSQL work while the next page is fetched (a
+        COPY per page waits for the server at every page end). A value the table
+        refuses fails the slice naming the row and column; no widening here: a SQL
+        source's column types do not change within a slice. False when the page
+        needs the per-page path (JSON columns).
+        """
+        try:
+            if names != self._stream_columns:
+                self._end_stream()
+                self._evolve(rows, names)
+                if any(self.columns.get(n) == "jsonb" for n in names):
+                    return False
+                statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    self._ident,
+                    sql.SQL(", ").join(
+                        sql.Identifier(n) for n in ("_quarry_run_id", "_quarry_slice", *names)
+                    ),
+                )
+                stack = contextlib.ExitStack()
+                cursor = stack.enter_context(self.conn.cursor())
+                self._copy_stream = stack.enter_context(cursor.copy(statement))
+                self._stream, self._stream_columns, self._stream_base = stack, names, self.rows
+            head = (self.key.run_id, self.key.index)
+            write_row = self._copy_stream.write_row
+            for values in rows.tuples:
+                write_row(head + tuple(values))
+        except psycopg.errors.DataError as exc:
+            self._abandon_stream()
+            raise DestinationError(self._locate(exc, self._stream_base)) from None
+        except psycopg.Error as exc:
+            self._abandon_stream()
+            raise DestinationError(scrubber.text(f"{self.table}: {_first_line(exc)}")) from None
+        self.rows += len(rows)
+        return True
+
+    def _end_stream(self) -> None:
+        """Finish an open COPY; the server's verdict on its rows arrives here."""
+        stack, self._stream, self._stream_columns = self._stream, None, None
+        if stack is None:
+            return
+        try:
+            stack.close()
+        except psycopg.errors.DataError as exc:
+            raise DestinationError(self._locate(exc, self._stream_base)) from None
+        except psycopg.Error as exc:
+            raise DestinationError(scrubber.text(f"{self.table}: {_first_line(exc)}")) from None
+
+    def _abandon_stream(self) -> None:
+        stack, self._stream, self._stream_columns = self._stream, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                stack.__exit__(DestinationError, DestinationError("slice discarded"), None)
+
+    def _copy(self, rows: Page, names: list[str], *, fast: bool) -> None:
         json_columns = [i for i, n in enumerate(names) if self.columns.get(n) == "jsonb"]
         head = (self.key.run_id, self.key.index)
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -290,6 +360,20 @@ class StagedTable:
             ),
         )
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
+            if fast and isinstance(rows, RowPage):
+                for values in rows.tuples:  # tuples from a SQL source: no dict at all
+                    copy.write_row(head + tuple(values))
+                return
+            if fast:
+                # Every row has every column and none is JSON: C-level tuples, no per-value work.
+                take = operator.itemgetter(*names)
+                if len(names) == 1:
+                    for row in rows:
+                        copy.write_row((*head, take(row)))
+                else:
+                    for row in rows:
+                        copy.write_row(head + take(row))
+                return
             for number, row in enumerate(rows, start=1):
                 values = [row.get(n) for n in names]
                 for i in json_columns:
@@ -308,7 +392,7 @@ class StagedTable:
                     )
                     raise DestinationError(msg) from None
 
-    def _evolve(self, rows: list[Row], names: list[str]) -> None:
+    def _evolve(self, rows: Page, names: list[str]) -> None:
         """Create the table, or add the page's new columns, before copying."""
         new = [n for n in names if n not in self.columns]
         if not new:
@@ -358,7 +442,7 @@ class StagedTable:
         # A table that already had data columns: the new ones are drift, not creation.
         return any(c not in META_COLUMNS and c not in new for c in self.columns)
 
-    def _widen_for(self, exc: psycopg.errors.DataError, rows: list[Row]) -> bool:
+    def _widen_for(self, exc: psycopg.errors.DataError, rows: Page) -> bool:
         """Widen an integer column that a float (or Decimal) did not fit; True if it did."""
         row, column = self._where(exc)
         if row is None or column is None or self.columns.get(column) not in _INTEGER_TYPES:
@@ -398,18 +482,21 @@ class StagedTable:
             return None, None
         return int(found.group(1)), (found.group(2) or None)
 
-    def _locate(self, exc: psycopg.Error) -> str:
+    def _locate(self, exc: psycopg.Error, base: int | None = None) -> str:
         row, column = self._where(exc)
         problem = exc.diag.message_primary or _first_line(exc)
         if row is None:
             return f"{self.table}: {problem}"
-        where = f"row {self.rows + row}" + (f", column {column!r}" if column else "")
+        where = f"row {(self.rows if base is None else base) + row}" + (
+            f", column {column!r}" if column else ""
+        )
         return f"{where}: {problem}"
 
     # -- the slice's end ------------------------------------------------------
 
     def seal(self) -> SliceStats:
-        """Record the row count on the slice's claim; the transaction stays open."""
+        """End the COPY, record the row count on the slice's claim; the transaction stays open."""
+        self._end_stream()
         try:
             self.conn.execute(
                 sql.SQL(
@@ -428,6 +515,7 @@ class StagedTable:
 
     def discard(self) -> None:
         """Roll back; a broken connection is closed and reopened by the next slice."""
+        self._abandon_stream()
         try:
             self.conn.rollback()
         except psycopg.Error:

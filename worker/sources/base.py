@@ -8,11 +8,11 @@ merged with the run's params. See the README's "Writing a source" guide.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from worker.errors import SourceError
 from worker.pipelines import ResourceConfig, Window
@@ -20,6 +20,47 @@ from worker.pipelines import ResourceConfig, Window
 #: One row of extracted data: column name to a JSON-able or SQL-typed value
 #: (str, int, float, bool, None, Decimal, date, datetime, bytes, list, dict).
 Row = dict[str, Any]
+
+
+class RowPage(Sequence[Row]):
+    """A page of rows held as one column list and tuples: dicts are made only when asked.
+
+    Sources that read tuples (the SQL source) yield these; destinations that can
+    take columns and tuples directly (Parquet, the sql destination) skip building
+    a dict per row, which is most of the per-row cost of a copy. Everything else
+    sees an ordinary sequence of dicts.
+    """
+
+    __slots__ = ("columns", "tuples")
+
+    def __init__(self, columns: Sequence[str], tuples: Sequence[Sequence[Any]]) -> None:
+        self.columns = list(columns)
+        self.tuples = tuples
+
+    def __len__(self) -> int:
+        return len(self.tuples)
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Row]: ...
+    def __getitem__(self, index: int | slice) -> Row | list[Row]:
+        if isinstance(index, slice):
+            return [dict(zip(self.columns, t, strict=True)) for t in self.tuples[index]]
+        return dict(zip(self.columns, self.tuples[index], strict=True))
+
+    def __iter__(self) -> Iterator[Row]:
+        columns = self.columns
+        return (dict(zip(columns, t, strict=True)) for t in self.tuples)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like a list
+
+
+#: What a source yields and a destination takes: a list of dicts or a RowPage.
+Page = Sequence[Row]
 
 
 @dataclass
@@ -60,7 +101,7 @@ class Source(Protocol):
 
     def read(
         self, resource: ResourceConfig, window: Window | None, context: ReadContext
-    ) -> Iterator[list[Row]]:
+    ) -> Iterator[Page]:
         """Yield pages of ``resource`` rows within ``window`` (the whole resource when None)."""
         ...
 

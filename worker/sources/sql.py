@@ -14,9 +14,11 @@ server-side cursor (PostgreSQL named cursors, MySQL ``SSCursor``) in pages of
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.engine import Engine, make_url
@@ -25,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, NoSuchTableError, S
 from worker.errors import ConfigError, SourceError
 from worker.pipelines import ResourceConfig, Window, option_errors
 from worker.scrub import scrubber
-from worker.sources.base import ReadContext, Row
+from worker.sources.base import Page, ReadContext, RowPage
 
 
 class SqlConfig(BaseModel):
@@ -120,6 +122,9 @@ class SqlSource:
             *(c for c in (spec.slice_column, spec.cursor_column) if c),
             *(spec.order_by or []),
         ]
+        if spec.columns and spec.cursor_column and spec.cursor_column not in spec.columns:
+            msg = f"{where}.columns: must include the cursor_column {spec.cursor_column!r}"
+            raise ConfigError(msg)
         missing = [c for c in wanted if c not in target.c]
         if missing:
             known = ", ".join(target.c.keys())
@@ -157,7 +162,7 @@ class SqlSource:
 
     def read(
         self, resource: ResourceConfig, window: Window | None, context: ReadContext
-    ) -> Iterator[list[Row]]:
+    ) -> Iterator[Page]:
         """Stream the slice's rows in pages through a server-side cursor."""
         _, spec = self._target(resource)
         stmt = self.statement(resource, window, context.since)
@@ -168,22 +173,51 @@ class SqlSource:
         }
         bound = {k: v for k, v in values.items() if k in placeholders(spec.query or "")}
         cursor_column = spec.cursor_column
-        size = self.config.page_size
         try:
-            with self.engine.connect() as conn:
-                result = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
-                    stmt, bound
-                )
-                keys = list(result.keys())
-                for part in result.partitions(size):
-                    page = [dict(zip(keys, row, strict=True)) for row in part]
-                    if cursor_column is not None:
-                        marks = [r[cursor_column] for r in page if r[cursor_column] is not None]
-                        if marks:
-                            context.observe(max(marks))
-                    yield page
-        except SQLAlchemyError as exc:
+            pages = (
+                self._psycopg_pages(stmt, bound)
+                if self.engine.dialect.driver == "psycopg"
+                else self._pages(stmt, bound)
+            )
+            mark: int | None = None
+            for page in pages:
+                if cursor_column is not None:
+                    mark = page.columns.index(cursor_column) if mark is None else mark
+                    marks = [row[mark] for row in page.tuples if row[mark] is not None]
+                    if marks:
+                        context.observe(max(marks))
+                yield page
+        except (SQLAlchemyError, psycopg.Error) as exc:
             raise SourceError(f"{resource.name}: {_describe(exc)}") from None
+
+    def _pages(self, stmt: sa.Select[Any], bound: dict[str, Any]) -> Iterator[RowPage]:
+        """Any database: SQLAlchemy's streaming result (server-side where the driver has it)."""
+        size = self.config.page_size
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=size).execute(stmt, bound)
+            keys = list(result.keys())
+            for part in result.partitions(size):
+                yield RowPage(keys, part)
+
+    def _psycopg_pages(self, stmt: sa.Select[Any], bound: dict[str, Any]) -> Iterator[RowPage]:
+        """PostgreSQL: a psycopg named cursor, rows as plain tuples.
+
+        The statement is still built and compiled by SQLAlchemy; only the rows skip
+        SQLAlchemy's result layer, which cost about a fifth of a table copy.
+        """
+        compiled = stmt.compile(dialect=self.engine.dialect)
+        params = {**compiled.params, **bound}
+        size = self.config.page_size
+        with self.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            with driver.cursor(name=f"quarry_{uuid.uuid4().hex[:12]}") as cursor:
+                cursor.itersize = size
+                cursor.execute(str(compiled), params)
+                keys = [column.name for column in cursor.description or ()]
+                while rows := cursor.fetchmany(size):
+                    yield RowPage(keys, rows)
+            conn.rollback()
 
     def close(self) -> None:
         """Close the engine's connections."""
@@ -198,7 +232,7 @@ def placeholders(query: str) -> set[str]:
     return set(_PLACEHOLDER.findall(query))
 
 
-def _describe(exc: SQLAlchemyError) -> str:
+def _describe(exc: Exception) -> str:
     """The driver's own message, first line only: no SQL text, no parameters."""
     original = getattr(exc, "orig", None)
     text = str(original if original is not None else exc).strip().splitlines()
