@@ -10,16 +10,17 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from bench import api, ingest, recovery, slices
+from bench import api, extract, ingest, recovery, slices
 from worker.store import Store
 
 PG_ADMIN = os.environ.get(
     "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS = os.environ.get("QUARRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUNS = int(os.environ.get("BENCH_RUNS", "4"))
 PER_RUN = int(os.environ.get("BENCH_PER_RUN", "50000"))
+EXTRACT_ROWS = int(os.environ.get("BENCH_EXTRACT_ROWS", "1000000"))
+MEMORY_ROWS = int(os.environ.get("BENCH_EXTRACT_MEMORY_ROWS", "10000000"))
 
 
 def fresh_pg(name: str) -> str | None:
@@ -113,12 +114,27 @@ def main() -> int:
     print(
         "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
     )
+    if os.environ.get("BENCH_SKIP_EXTRACT") != "1":
+        extract_rows()
     if os.environ.get("BENCH_SKIP_API") != "1":
         api_rows(tmp)
     pg_rec = fresh_pg("quarry_bench_recovery")
     if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
         recovery_rows(pg_rec)
     return 0
+
+
+def extract_rows() -> None:
+    """SQL -> Parquet and SQL -> PostgreSQL runs against plain copies; peak worker memory."""
+    url = fresh_pg("quarry_bench_extract")
+    if url is None:
+        return
+    print(
+        f"\nextraction through a real run ({extract.SLICES} slices, pages of {extract.PAGE:,}) "
+        "vs a plain server-side cursor -> writer script"
+    )
+    for line in extract.measure(url, REDIS, EXTRACT_ROWS, MEMORY_ROWS):
+        row(*line)
 
 
 def api_rows(tmp: Path) -> None:
