@@ -8,10 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from worker.store import Store
+
+# No per-example deadline: hypothesis's default (200 ms) is a timed assertion, and it
+# failed a pure function on a loaded 2-core machine.
+settings.register_profile("quarry", deadline=None)
+settings.load_profile("quarry")
 
 #: Set in CI: a missing service is then a failure, not a skip.
 CI = bool(os.environ.get("CI"))

@@ -131,3 +131,30 @@ def test_slices_tile_the_range(start: datetime, span_minutes: int, step_minutes:
     assert all(w.total == len(windows) for w in windows)
     assert all(a.end == b.start for a, b in itertools.pairwise(windows))
     assert all(w.start < w.end for w in windows)
+
+
+@given(
+    start=st.integers(-1000, 1000),
+    span=st.integers(1, 5000),
+    step=st.integers(1, 700),
+)
+def test_integer_slices_tile_the_range(start: int, span: int, step: int) -> None:
+    """Integer windows (an id column) cover [start, end) contiguously, none empty."""
+    windows = plan_slices(SliceSpec(start=start, end=start + span, step=step))
+    assert windows[0].start == start and windows[-1].end == start + span
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows))
+    assert all(0 < w.end - w.start <= step for w in windows)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"start": 0, "end": "2026-01-02T00:00:00Z", "step": 5}, "must all be integers"),
+        ({"start": 0, "end": 10, "step": 0}, "step must be positive"),
+        ({"start": 10, "end": 10, "step": 1}, "end must be after start"),
+    ],
+)
+def test_integer_slice_errors(spec: dict[str, object], needle: str) -> None:
+    """Mixed kinds, a zero step and an empty range are refused with a reason."""
+    with pytest.raises(ValueError, match=needle):
+        SliceSpec.model_validate(spec)
