@@ -98,7 +98,8 @@ def _contains_any(text: str, needles: Iterable[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _secret_key(key: str) -> bool:
+def is_secret_key(key: str) -> bool:
+    """Whether a key (a data field, a header name) names a secret: ``X-Api-Key``, ``password``."""
     name = key.lower().replace("-", "_")
     return any(part in name for part in SECRET_KEY_PARTS)
 
@@ -146,7 +147,7 @@ class Scrubber:
             return self.text(value)
         if isinstance(value, Mapping):
             return {
-                k: (REDACTED if isinstance(k, str) and _secret_key(k) else self.data(v))
+                k: (REDACTED if isinstance(k, str) and is_secret_key(k) else self.data(v))
                 for k, v in value.items()
             }
         if isinstance(value, list | tuple | set | frozenset):
@@ -159,7 +160,7 @@ class Scrubber:
         for key, value in event_dict.items():
             if key in _TRUSTED_KEYS:
                 out[key] = value
-            elif _secret_key(key):
+            elif is_secret_key(key):
                 out[key] = REDACTED
             elif isinstance(value, str):
                 out[key] = self.text(value)

@@ -176,3 +176,15 @@ def test_retry_after_forms() -> None:
     assert retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert retry_after("soon") is None
     assert retry_after(None) is None
+
+
+def test_credential_headers_are_scrubbed_and_ordinary_ones_are_not(crm: CrmServer) -> None:
+    """A literal X-Api-Key value is a secret from then on; an Accept header is not."""
+    HttpSource.from_options(
+        {
+            "base_url": crm.url,
+            "headers": {"X-Api-Key": "literal-key-8d7f", "Accept": "application/vnd.crm+json"},
+        }
+    ).close()
+    assert "literal-key-8d7f" not in scrubber.text("sent literal-key-8d7f")
+    assert scrubber.text("sent application/vnd.crm+json") == "sent application/vnd.crm+json"

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.errors import ConfigError, SourceError
 from worker.models import Event
 from worker.pipelines import Bound, ResourceConfig, Window, option_errors
-from worker.scrub import scrubber
+from worker.scrub import is_secret_key, scrubber
 from worker.sources.base import ReadContext, Row
 
 #: The most pages one slice may take: a loop guard against an API that links to itself.
@@ -161,8 +161,9 @@ class HttpSource:
 
     def __init__(self, config: HttpConfig) -> None:
         self.config = config
-        # Header values are credentials more often than not: scrub them wherever they go.
-        scrubber.register(config.headers.values())
+        # Credential headers (Authorization, X-Api-Key, Cookie, …) are scrubbed by value
+        # wherever they would go, even when written literally instead of as ${ENV}.
+        scrubber.register(v for k, v in config.headers.items() if is_secret_key(k))
         self.client = httpx.Client(
             base_url=config.base_url,
             headers=config.headers,
