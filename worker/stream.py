@@ -17,16 +17,18 @@ shared cache, so a revoked token ends its streams.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from worker import jsonfmt
-from worker.models import TERMINAL_EVENTS, Entry
+from worker.models import TERMINAL_EVENTS
 from worker.notify import Wakeups
 from worker.store import Store
+from worker.store.store import entries_json
 
 #: Poll interval without Redis; with Redis, the safety-net poll.
 POLL_SECONDS = 0.25
@@ -37,6 +39,8 @@ TOKEN_CHECK_SECONDS = 1.0
 BATCH = 500
 #: Entries a feed keeps in memory for its clients.
 TAIL = 5000
+
+_TERMINAL = frozenset(event.value for event in TERMINAL_EVENTS)
 
 
 class _Gauge:
@@ -49,9 +53,14 @@ class _Gauge:
 CLIENTS = _Gauge()
 
 
-def frame(entry: Entry) -> dict[str, str]:
-    """One SSE event for an entry."""
-    return {"id": str(entry.id), "data": jsonfmt.dumps(entry.as_dict())}
+def frame(entry: dict[str, Any]) -> bytes:
+    """One SSE event for an entry (a ``Store.entry_dicts`` item), as it goes on the wire.
+
+    What sse-starlette's ``ServerSentEvent(id=…, data=…).encode()`` writes with
+    its ``\\r\\n`` separator: the JSON holds no CR or LF (they are escaped), so
+    the data is one line. Built here once per entry and shared by every client.
+    """
+    return b"id: %d\r\ndata: %b\r\n\r\n" % (entry["id"], entries_json(entry))
 
 
 class Feed:
@@ -60,12 +69,15 @@ class Feed:
     def __init__(self, store: Store, run_id: str, wakeups: Wakeups | None) -> None:
         self.store = store
         self.run_id = run_id
-        self.tail: list[tuple[Entry, dict[str, str]]] = []  # entries and their encoded frames
+        # The tail: entry ids, whether each is a terminal event, and each encoded frame.
+        self.ids: list[int] = []
+        self.ends: list[bool] = []
+        self.frames: list[bytes] = []
         self.cursor = 0  # the newest id the feed has read
         self.floor = 0  # entries after this id are all in the tail
         self.done = False
         self.clients = 0
-        self.changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # replaced at each change; waiters hold the old one
         self._wakeups = wakeups
         self._task: asyncio.Task[None] | None = None
 
@@ -81,6 +93,14 @@ class Feed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def changed(self) -> asyncio.Event:
+        """An event set at the feed's next change (new entries, or done)."""
+        return self._changed
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     async def _run(self) -> None:
         wake = self._wakeups.register(self.run_id) if self._wakeups is not None else None
         interval = POLL_WITH_WAKEUPS_SECONDS if wake is not None else POLL_SECONDS
@@ -91,22 +111,24 @@ class Feed:
                 # Status first: a terminal status's entries are committed with it.
                 run = await run_in_threadpool(self.store.get_run, self.run_id)
                 batch = await run_in_threadpool(
-                    self.store.entries, self.run_id, after_id=self.cursor, limit=BATCH
+                    self.store.entry_dicts, self.run_id, after_id=self.cursor, limit=BATCH
                 )
                 if batch:
                     # Encoded once here, not once per client.
-                    self.tail.extend((e, frame(e)) for e in batch)
-                    self.cursor = batch[-1].id
-                    if len(self.tail) > TAIL:
-                        dropped = self.tail[: len(self.tail) - TAIL]
-                        self.floor = dropped[-1][0].id
-                        del self.tail[: len(dropped)]
-                if any(e.event in TERMINAL_EVENTS for e in batch) or (
-                    run.status.terminal and len(batch) < BATCH and not batch
+                    self.ids += [e["id"] for e in batch]
+                    self.ends += [e["event"] in _TERMINAL for e in batch]
+                    self.frames += [frame(e) for e in batch]
+                    self.cursor = self.ids[-1]
+                    if len(self.ids) > TAIL:
+                        cut = len(self.ids) - TAIL
+                        self.floor = self.ids[cut - 1]
+                        del self.ids[:cut], self.ends[:cut], self.frames[:cut]
+                if any(e["event"] in _TERMINAL for e in batch) or (
+                    run.status.terminal and not batch
                 ):
                     self.done = True
-                async with self.changed:
-                    self.changed.notify_all()
+                if batch or self.done:
+                    self._notify()
                 if len(batch) == BATCH or self.done:
                     continue
                 await _pause(wake, interval)
@@ -114,11 +136,10 @@ class Feed:
             if self._wakeups is not None and wake is not None:
                 self._wakeups.unregister(self.run_id, wake)
 
-    def after(self, cursor: int) -> list[tuple[Entry, dict[str, str]]]:
-        """Tail entries (and frames) after ``cursor`` (caller checked ``cursor >= floor``)."""
-        if not self.tail or self.tail[-1][0].id <= cursor:
-            return []
-        return [item for item in self.tail if item[0].id > cursor]
+    def after(self, cursor: int) -> tuple[list[int], list[bool], list[bytes]]:
+        """Tail ids, terminal flags and frames after ``cursor`` (caller checked ``>= floor``)."""
+        start = bisect.bisect_right(self.ids, cursor)
+        return self.ids[start:], self.ends[start:], self.frames[start:]
 
 
 class Feeds:
@@ -129,6 +150,7 @@ class Feeds:
         self.wakeups = wakeups
         self._feeds: dict[str, Feed] = {}
         self._tokens: dict[str, tuple[bool, float]] = {}
+        self._checking: dict[str, asyncio.Future[bool]] = {}
 
     async def join(self, run_id: str, after_id: int) -> Feed:
         """The run's feed, started at ``after_id`` if it is new."""
@@ -147,12 +169,28 @@ class Feeds:
             await feed.stop()
 
     async def token_live(self, secret: str, check: Callable[[], bool]) -> bool:
-        """Whether the token is live, checked at most once a second per token."""
+        """Whether the token is live, checked at most once a second per token.
+
+        One check per token at a time: the streams that find the answer stale
+        together (two hundred woken by the same entry) all wait for that one,
+        rather than each sending its own query through the thread pool.
+        """
         live, at = self._tokens.get(secret, (True, 0.0))
-        if time.monotonic() - at >= TOKEN_CHECK_SECONDS:
+        if time.monotonic() - at < TOKEN_CHECK_SECONDS:
+            return live
+        pending = self._checking.get(secret)
+        if pending is None:
+            pending = asyncio.ensure_future(self._check(secret, check))
+            self._checking[secret] = pending
+        return await asyncio.shield(pending)
+
+    async def _check(self, secret: str, check: Callable[[], bool]) -> bool:
+        try:
             live = await run_in_threadpool(check)
             self._tokens[secret] = (live, time.monotonic())
-        return live
+            return live
+        finally:
+            del self._checking[secret]
 
 
 async def _pause(wake: asyncio.Event | None, interval: float) -> None:
@@ -164,6 +202,12 @@ async def _pause(wake: asyncio.Event | None, interval: float) -> None:
         await asyncio.wait_for(wake.wait(), timeout=interval)
 
 
+def _catch_up(feeds: Feeds, run_id: str, cursor: int, floor: int) -> list[dict[str, Any]]:
+    """Entries after ``cursor`` up to the feed's ``floor``, read from the store."""
+    batch = feeds.store.entry_dicts(run_id, after_id=cursor, limit=BATCH)
+    return [e for e in batch if e["id"] <= floor]
+
+
 async def entry_events(
     feeds: Feeds,
     run_id: str,
@@ -172,8 +216,12 @@ async def entry_events(
     secret: str,
     still_authorised: Callable[[], bool],
     disconnected: Callable[[], object],
-) -> AsyncIterator[dict[str, str]]:
-    """Yield SSE events for ``run_id`` after ``after_id`` until its terminal event."""
+) -> AsyncIterator[bytes]:
+    """Yield SSE frames for ``run_id`` after ``after_id`` until its terminal event.
+
+    Every frame ready at a wake-up goes out in one write: a client that is a few
+    entries behind costs one send, not one per entry.
+    """
     CLIENTS.value += 1
     feed = await feeds.join(run_id, after_id)
     cursor = after_id
@@ -183,30 +231,31 @@ async def entry_events(
                 return
             if not await feeds.token_live(secret, still_authorised):
                 return
+            changed = feed.changed()  # taken before looking, so no change slips past
             if cursor < feed.floor:
                 # Behind the shared tail (a late or resuming client): catch up from the store.
-                batch = await run_in_threadpool(
-                    feeds.store.entries, run_id, after_id=cursor, limit=BATCH
-                )
-                items = [(e, frame(e)) for e in batch if e.id <= feed.floor]
-                if not items:
+                batch = await run_in_threadpool(_catch_up, feeds, run_id, cursor, feed.floor)
+                if not batch:
                     cursor = feed.floor
+                    continue
+                ids = [e["id"] for e in batch]
+                ends = [e["event"] in _TERMINAL for e in batch]
+                frames = [frame(e) for e in batch]
             else:
-                items = feed.after(cursor)
-            for entry, encoded in items:
-                yield encoded
-                cursor = entry.id
-                if entry.event in TERMINAL_EVENTS:
+                ids, ends, frames = feed.after(cursor)
+            if ids:
+                if True in ends:  # the run's end: nothing after it
+                    last = ends.index(True) + 1
+                    yield b"".join(frames[:last])
                     return
-            if items:
+                yield b"".join(frames)
+                cursor = ids[-1]
                 continue
-            async with feed.changed:
-                # Checked under the condition's lock, so a notify cannot slip in between.
-                if feed.done and cursor >= feed.cursor:
-                    return
-                if cursor >= feed.floor and not feed.after(cursor):
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(feed.changed.wait(), timeout=TOKEN_CHECK_SECONDS)
+            if feed.done and cursor >= feed.cursor:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TOKEN_CHECK_SECONDS):
+                    await changed.wait()
     finally:
         CLIENTS.value -= 1
         await feeds.leave(feed)
