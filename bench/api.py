@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -11,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,10 @@ def pct(values: list[float], q: float) -> float:
 def pages(url: str, samples: int = 40) -> list[tuple[str, list[float], list[float]]]:
     """(page, API ms, raw keyset SQL ms) for the first, last and level=warning pages."""
     big, ids = populate(url)
+    # The populated rows are gone, the imports stay: out of the collector's sight, so that a
+    # full collection of this process's own heap (60-75 ms) lands in neither timing.
+    gc.collect()
+    gc.freeze()
     tmp = Path(tempfile.mkdtemp())
     env = {
         **os.environ,
@@ -192,13 +198,16 @@ def _produce(url: str, run_id: str, count: int, interval: float, redis_url: str)
     store.close()
 
 
-async def _listen(base: str, secret: str, run_id: str, lags: list[float]) -> None:
+async def _listen(
+    base: str, secret: str, run_id: str, lags: list[float], opened: Callable[[], None]
+) -> None:
     headers = {"Authorization": f"Bearer {secret}"}
     path = f"/api/v1/action-runs/{run_id}/logs/stream"
     async with (
         httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(120)) as client,
         aconnect_sse(client, "GET", path) as source,
     ):
+        opened()
         async for sse in source.aiter_sse():
             entry = jsonfmt.loads(sse.data)
             lags.append((time.time() - entry["data"]["sent_at"]) * 1000)
@@ -226,10 +235,22 @@ def stream_latency(
     try:
 
         async def main() -> None:
+            ready = asyncio.Event()
+            streams = [0]
+
+            def opened() -> None:
+                streams[0] += 1
+                if streams[0] == clients:
+                    ready.set()
+
             listeners = [
-                asyncio.create_task(_listen(base, secret, run_id, lags[i])) for i in range(clients)
+                asyncio.create_task(_listen(base, secret, run_id, lags[i], opened))
+                for i in range(clients)
             ]
-            await asyncio.sleep(2 + clients / 50)  # every client connected
+            # Every stream open before the run starts logging: a fixed sleep was not always
+            # long enough on 2 busy cores, and the run then began during the connection storm.
+            await asyncio.wait_for(ready.wait(), timeout=60 + clients / 5)
+            await asyncio.sleep(0.5)  # and joined to its run's feed
             producer = mp.get_context("fork").Process(
                 target=_produce, args=(url, run_id, count, interval, redis_url)
             )
