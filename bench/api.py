@@ -27,6 +27,7 @@ from worker import jsonfmt, runlog
 from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
 from worker.store import Store
+from worker.store.tables import LEVEL_FILTERS
 
 QUARRY = Path(sys.executable).parent / "quarry"
 TOTAL, BIG = 1_000_000, 200_000
@@ -158,8 +159,9 @@ def _raw_query(url: str, run_id: str) -> Any:
 
         def run(after: int, levels: tuple[str, ...] | None) -> list[Any]:
             if levels:
-                sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = ? AND id > ? AND level IN (?, ?) ORDER BY id LIMIT 1001"
-                rows = conn.execute(sql, (run_id, after, *levels)).fetchall()
+                # The store's own filter text, so both sides can use the partial index.
+                sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = ? AND id > ? AND {LEVEL_FILTERS['warning']} ORDER BY id LIMIT 1001"
+                rows = conn.execute(sql, (run_id, after)).fetchall()
             else:
                 sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id = ? AND id > ? ORDER BY id LIMIT 1001"
                 rows = conn.execute(sql, (run_id, after)).fetchall()
@@ -170,8 +172,8 @@ def _raw_query(url: str, run_id: str) -> Any:
 
     def run_pg(after: int, levels: tuple[str, ...] | None) -> list[Any]:
         if levels:
-            sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id >= %s AND run_id <= %s AND id > %s AND level = ANY(%s) ORDER BY run_id, id LIMIT 1001"
-            return pg.execute(sql, (run_id, run_id, after, list(levels))).fetchall()
+            sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id >= %s AND run_id <= %s AND id > %s AND {LEVEL_FILTERS['warning']} ORDER BY run_id, id LIMIT 1001"
+            return pg.execute(sql, (run_id, run_id, after)).fetchall()
         sql = f"SELECT id, {COLUMNS} FROM log_entries WHERE run_id >= %s AND run_id <= %s AND id > %s ORDER BY run_id, id LIMIT 1001"
         return pg.execute(sql, (run_id, run_id, after)).fetchall()
 

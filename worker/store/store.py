@@ -49,7 +49,7 @@ from worker.models import (
 from worker.store import migrate
 from worker.store.engine import aware, db_epoch, make_engine
 from worker.store.maintenance import MaintenanceQueries
-from worker.store.tables import log_entries, runs
+from worker.store.tables import LEVEL_FILTERS, log_entries, runs
 from worker.store.tokens import TokenQueries
 from worker.store.webhooks import WebhookQueries
 
@@ -313,7 +313,9 @@ class _EntryQuery:
     def _filters(
         self, where: list[str], params: list[Any], mark: str, bind_time: Callable[[Any], Any]
     ) -> None:
-        if self.min_level is not None and self.min_level is not Level.DEBUG:
+        if self.min_level is not None and self.min_level.value in LEVEL_FILTERS:
+            where.append(LEVEL_FILTERS[self.min_level.value])  # a partial index's predicate
+        elif self.min_level is not None and self.min_level is not Level.DEBUG:
             levels = _levels_at_least(self.min_level)
             where.append(f"level IN ({', '.join([mark] * len(levels))})")
             params += levels

@@ -17,8 +17,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+#: The page filter for each minimum level, verbatim as the partial indexes' predicates
+#: (SQLite uses a partial index only for a query term identical to its predicate).
+LEVEL_FILTERS = {"warning": "level IN ('warning', 'error')", "error": "level = 'error'"}
 
 metadata = MetaData(
     naming_convention={
@@ -80,6 +85,21 @@ log_entries = Table(
     Column("occurred_at", Timestamp, nullable=False),
     Index("ix_log_entries_run_id_id", "run_id", "id"),
     Index("ix_log_entries_occurred_at", "occurred_at"),
+    # Severity pages (migration 0005): the predicates are the store's page filters, verbatim.
+    Index(
+        "ix_log_entries_run_id_id_warning",
+        "run_id",
+        "id",
+        postgresql_where=text(LEVEL_FILTERS["warning"]),
+        sqlite_where=text(LEVEL_FILTERS["warning"]),
+    ),
+    Index(
+        "ix_log_entries_run_id_id_error",
+        "run_id",
+        "id",
+        postgresql_where=text(LEVEL_FILTERS["error"]),
+        sqlite_where=text(LEVEL_FILTERS["error"]),
+    ),
     sqlite_autoincrement=True,
 )
 
