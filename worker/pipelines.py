@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import (
@@ -30,6 +31,7 @@ from worker.errors import ConfigError, UnknownPipeline
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+_Options = TypeVar("_Options", bound=BaseModel)
 
 
 def parse_duration(value: str | int | float | timedelta) -> timedelta:
@@ -168,6 +170,14 @@ def option_errors(prefix: str, error: ValidationError) -> str:
         f"{prefix}.{'.'.join(str(p) for p in item['loc']) or '(options)'}: {item['msg']}"
         for item in error.errors()
     )
+
+
+def parse_options(model: type[_Options], options: Mapping[str, Any], prefix: str) -> _Options:
+    """``options`` validated as ``model``, or a :class:`ConfigError` naming each bad field."""
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        raise ConfigError(option_errors(prefix, exc)) from None
 
 
 def _format_error(path: Path, pipeline: str, error: ValidationError) -> str:

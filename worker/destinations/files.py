@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from worker.destinations.base import SliceKey, SliceStats, StagedSlice
 from worker.errors import ConfigError, DestinationError
+from worker.pipelines import parse_options
 from worker.sources.base import Page
 
 #: gzip level: 1 costs a fraction of the CPU of 6 for ~10 % larger files.
@@ -118,14 +119,7 @@ class FilesDestination:
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_root: Path) -> FilesDestination:
         """Build from the pipeline's destination table."""
-        try:
-            config = FilesConfig.model_validate(dict(options))
-        except ValidationError as exc:
-            fields = "; ".join(
-                f"destination.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise ConfigError(fields) from None
+        config = parse_options(FilesConfig, options, "destination")
         if config.format == "parquet":
             try:
                 import pyarrow  # noqa: F401, PLC0415 - only checks the optional extra is there

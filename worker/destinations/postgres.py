@@ -34,14 +34,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from worker.destinations.base import SliceKey, SliceStats
 from worker.errors import ConfigError, DestinationError, LeaseLost
 from worker.models import Event
-from worker.pipelines import option_errors
+from worker.pipelines import parse_options
 from worker.scrub import scrubber
 from worker.sources.base import Page, RowPage
 
@@ -62,32 +62,30 @@ class PostgresConfig(BaseModel):
     table: str = "{resource}"
 
 
+#: Column types for new columns, by the first non-null value's Python type (first match).
+_PG_TYPES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "boolean"),  # before int: a bool is an int
+    (int, "bigint"),
+    (float, "double precision"),
+    (Decimal, "numeric"),
+    (datetime, "timestamp"),  # before date; timestamptz when aware, below
+    (date, "date"),
+    (time, "time"),
+    (timedelta, "interval"),
+    ((bytes, bytearray, memoryview), "bytea"),
+    (uuid.UUID, "uuid"),
+    ((dict, list), "jsonb"),
+)
+
+
 def pg_type(value: Any) -> str | None:
-    """The column type a new column gets from its first non-null value."""
+    """The column type a new column gets from its first non-null value (``text`` otherwise)."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "bigint"
-    if isinstance(value, float):
-        return "double precision"
-    if isinstance(value, Decimal):
-        return "numeric"
-    if isinstance(value, datetime):
-        return "timestamptz" if value.tzinfo else "timestamp"
-    if isinstance(value, date):
-        return "date"
-    if isinstance(value, time):
-        return "time"
-    if isinstance(value, timedelta):
-        return "interval"
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "bytea"
-    if isinstance(value, uuid.UUID):
-        return "uuid"
-    if isinstance(value, dict | list):
-        return "jsonb"
+    for kind, name in _PG_TYPES:
+        if isinstance(value, kind):
+            aware = isinstance(value, datetime) and value.tzinfo is not None
+            return "timestamptz" if aware else name
     return "text"
 
 
@@ -135,10 +133,7 @@ class PostgresDestination:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> PostgresDestination:
         """Build from the pipeline's destination table."""
-        try:
-            return cls(PostgresConfig.model_validate(options))
-        except ValidationError as exc:
-            raise ConfigError(option_errors("destination", exc)) from None
+        return cls(parse_options(PostgresConfig, options, "destination"))
 
     def connection(self) -> psycopg.Connection[Any]:
         """The destination's connection, (re)opened and set up on demand."""

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.errors import ConfigError, SourceError
-from worker.pipelines import ResourceConfig, Window
+from worker.pipelines import ResourceConfig, Window, parse_options
 from worker.sources.base import ReadContext, Row
 
 METRICS = ("Received Email", "Opened Email", "Clicked Email", "Viewed Product", "Placed Order")
@@ -57,13 +57,7 @@ class DemoSource:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> DemoSource:
         """Build from the pipeline's source table merged with run params."""
-        try:
-            return cls(DemoConfig.model_validate(dict(options)))
-        except ValidationError as exc:
-            fields = "; ".join(
-                f"source.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(fields) from None
+        return cls(parse_options(DemoConfig, options, "source"))
 
     @staticmethod
     def _parse_fail(spec: str | None) -> tuple[str, int, int] | None:

@@ -23,11 +23,11 @@ from datetime import UTC
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.errors import ConfigError, SourceError
 from worker.models import Event
-from worker.pipelines import Bound, ResourceConfig, Window, option_errors
+from worker.pipelines import Bound, ResourceConfig, Window, parse_options
 from worker.scrub import is_secret_key, scrubber
 from worker.sources.base import ReadContext, Row
 
@@ -175,19 +175,13 @@ class HttpSource:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HttpSource:
         """Build from the pipeline's source table merged with run params."""
-        try:
-            return cls(HttpConfig.model_validate(dict(options)))
-        except ValidationError as exc:
-            raise ConfigError(option_errors("source", exc)) from None
+        return cls(parse_options(HttpConfig, options, "source"))
 
     def _spec(self, resource: ResourceConfig) -> HttpResource:
         spec = self._specs.get(resource.name)
         if spec is None:
             where = f"resources.{resource.name}.options"
-            try:
-                spec = HttpResource.model_validate(resource.options)
-            except ValidationError as exc:
-                raise ConfigError(option_errors(where, exc)) from None
+            spec = parse_options(HttpResource, resource.options, where)
             if resource.slices is not None and spec.window_params is None:
                 msg = f"{where}.window_params: a sliced resource needs its window's parameters"
                 raise ConfigError(msg)

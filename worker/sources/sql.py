@@ -20,12 +20,12 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
 from worker.errors import ConfigError, SourceError
-from worker.pipelines import ResourceConfig, Window, option_errors
+from worker.pipelines import ResourceConfig, Window, parse_options
 from worker.scrub import scrubber
 from worker.sources.base import Page, ReadContext, RowPage
 
@@ -85,10 +85,7 @@ class SqlSource:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SqlSource:
         """Build from the pipeline's source table merged with run params."""
-        try:
-            return cls(SqlConfig.model_validate(dict(options)))
-        except ValidationError as exc:
-            raise ConfigError(option_errors("source", exc)) from None
+        return cls(parse_options(SqlConfig, options, "source"))
 
     # -- planning -------------------------------------------------------------
 
@@ -97,10 +94,7 @@ class SqlSource:
         if cached is not None:
             return cached
         where = f"resources.{resource.name}.options"
-        try:
-            spec = SqlResource.model_validate(resource.options)
-        except ValidationError as exc:
-            raise ConfigError(option_errors(where, exc)) from None
+        spec = parse_options(SqlResource, resource.options, where)
         own = placeholders(spec.query or "")
         if resource.slices is not None and spec.slice_column is None and "window_start" not in own:
             msg = f"{where}.slice_column: a sliced resource needs the column its windows filter"
