@@ -38,7 +38,7 @@ from worker.runtime import open_store
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
-from worker.store.store import entries_json
+from worker.store.reads import entries_json
 from worker.store.tokens import Token
 from worker.tasks import publish_run
 

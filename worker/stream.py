@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from worker.models import TERMINAL_EVENTS
 from worker.notify import Wakeups
 from worker.store import Store
-from worker.store.store import entries_json
+from worker.store.reads import entries_json
 
 #: Poll interval without Redis; with Redis, the safety-net poll.
 POLL_SECONDS = 0.25

@@ -13,7 +13,7 @@ from worker.errors import RunNotFound
 from worker.models import Entry, Level, NewEntry
 from worker.store import Store
 from worker.store.engine import aware
-from worker.store.store import entries_json
+from worker.store.reads import entries_json
 from worker.store.tables import log_entries, runs
 
 BASE = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from worker.models import Level
 from worker.store import Store
-from worker.store.store import _EntryQuery
+from worker.store.reads import _EntryQuery
 from worker.store.tables import LEVEL_FILTERS
 
 

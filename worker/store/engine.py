@@ -94,3 +94,8 @@ def _db_epoch_pg(_element: Any, _compiler: Any, **_kw: Any) -> str:
 @compiles(db_epoch, "sqlite")
 def _db_epoch_sqlite(_element: Any, _compiler: Any, **_kw: Any) -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)

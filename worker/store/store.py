@@ -14,11 +14,9 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -37,7 +35,6 @@ from worker.jsonfmt import dumps, loads
 from worker.models import (
     TERMINAL,
     TERMINAL_EVENTS,
-    Entry,
     Event,
     Lease,
     Level,
@@ -47,9 +44,10 @@ from worker.models import (
     can_transition,
 )
 from worker.store import migrate
-from worker.store.engine import aware, db_epoch, make_engine
+from worker.store.engine import aware, db_epoch, make_engine, utcnow
 from worker.store.maintenance import MaintenanceQueries
-from worker.store.tables import LEVEL_FILTERS, log_entries, runs
+from worker.store.reads import EntryReads
+from worker.store.tables import log_entries, runs
 from worker.store.tokens import TokenQueries
 from worker.store.webhooks import WebhookQueries
 
@@ -138,11 +136,6 @@ def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> Ne
     )
 
 
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
 def new_run_id() -> str:
     """A fresh, unguessable run id."""
     return f"run_{secrets.token_hex(8)}"
@@ -172,175 +165,7 @@ def _run_from_row(row: Any) -> Run:
     )
 
 
-#: Columns of an entry row, in the order the builders below unpack them.
-_ENTRY_SELECT = "id, run_id, level, event, message, {data}, worker_id, attempt, {occurred_at}"
-_LEVEL_OF = {level.value: level for level in Level}  # Level(text) costs an enum lookup a row
-#: Session time zones in which a ``timestamptz`` reads back with a zero offset.
-_UTC_ZONES = frozenset(
-    {"UTC", "Etc/UTC", "UCT", "Etc/UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu"}
-)
-_RUN_GATEWAY_SQL = {
-    "postgresql": "SELECT gateway FROM runs WHERE id = %s",
-    "sqlite": "SELECT gateway FROM runs WHERE id = ?",
-}
-_T = TypeVar("_T")
-
-#: orjson options that write :meth:`Store.entry_dicts` byte for byte as ``jsonfmt.dumps``
-#: writes ``Entry.as_dict()``: jsonfmt's own, and a naive (UTC) datetime with a ``Z``.
-ENTRY_JSON_OPTIONS = (
-    orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
-)
-
-
-def entries_json(value: Any) -> bytes:
-    """JSON of a value holding :meth:`Store.entry_dicts` (a page, one entry), as bytes."""
-    return orjson.dumps(value, default=str, option=ENTRY_JSON_OPTIONS)
-
-
-_fromisoformat = datetime.fromisoformat
-_orjson_loads = orjson.loads  # what jsonfmt.loads calls, one call fewer a row
-
-
-def _json_value(value: Any) -> Any:
-    """A JSON column as SQLAlchemy's JSON type reads it (SQLite may hold a bare number)."""
-    if isinstance(value, str | bytes):
-        return loads(value)
-    return value
-
-
-def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
-    """An entry from a driver row (``_ENTRY_SELECT`` order), as SQLAlchemy would have typed it."""
-    entry_id, run_id, level, event, message, data, worker_id, attempt, occurred_at = row
-    if type(occurred_at) is str:  # SQLite: SQLAlchemy's DateTime reads with fromisoformat
-        occurred_at = _fromisoformat(occurred_at)
-    return Entry(
-        id=entry_id,
-        run_id=run_id,
-        level=_LEVEL_OF.get(level) or Level(level),
-        event=event,
-        message=message,
-        data=_json_value(data) or {},
-        worker_id=worker_id,
-        attempt=attempt,
-        occurred_at=aware(occurred_at) or utcnow(),
-    )
-
-
-def _dict_from_tuple(row: tuple[Any, ...]) -> dict[str, Any]:
-    """``_entry_from_tuple(row).as_dict()`` without the Entry; a naive occurred_at is UTC."""
-    entry_id, run_id, level, event, message, data, worker_id, attempt, occurred_at = row
-    if level not in _LEVEL_OF:
-        Level(level)  # raises, as Entry's would
-    data = _orjson_loads(data) if type(data) is str else _json_value(data)
-    if type(occurred_at) is str:
-        occurred_at = _fromisoformat(occurred_at)
-    elif occurred_at is None:
-        occurred_at = utcnow()
-    if occurred_at.tzinfo is not None:
-        occurred_at = occurred_at.isoformat().replace("+00:00", "Z")
-    return {
-        "id": entry_id,
-        "run_id": run_id,
-        "level": level,
-        "event": event,
-        "message": message,
-        "data": data or {},
-        "worker_id": worker_id,
-        "attempt": attempt,
-        "occurred_at": occurred_at,
-    }
-
-
-def _session_in_utc(conn: Connection) -> bool:
-    """Whether a PostgreSQL session's TimeZone has no offset (reported by the server)."""
-    info = conn.connection.driver_connection.info  # type: ignore[union-attr]
-    return info.parameter_status("TimeZone") in _UTC_ZONES
-
-
-@dataclass(frozen=True, slots=True)
-class _EntryQuery:
-    """The keyset query behind :meth:`Store.entries`, as driver SQL for either database."""
-
-    run_id: str | None
-    after_id: int
-    limit: int
-    min_level: Level | None
-    event: str | None
-    worker_id: str | None
-    pipeline: str | None
-    since: datetime | None
-    until: datetime | None
-
-    def postgresql(self, *, utc: bool) -> tuple[str, tuple[Any, ...]]:
-        """SQL and parameters for psycopg; ``utc``: occurred_at as naive UTC wall time."""
-        columns = _ENTRY_SELECT.format(
-            data="data::text",
-            occurred_at="occurred_at AT TIME ZONE 'UTC'" if utc else "occurred_at",
-        )
-        where: list[str] = ["id > %s"]
-        params: list[Any] = [self.after_id]
-        if self.run_id is not None:
-            # `run_id BETWEEN x AND x`, not `= x`, and ordered like the (run_id, id) index:
-            # with an equality PostgreSQL may walk the primary key instead and filter every
-            # later run's rows (a last page of a large run took 170 ms instead of 0.4 ms).
-            where.append("run_id >= %s AND run_id <= %s")
-            params += [self.run_id, self.run_id]
-        order = "run_id, id" if self.run_id is not None else "id"
-        self._filters(where, params, "%s", lambda value: value)
-        sql = (
-            f"SELECT {columns} FROM log_entries WHERE {' AND '.join(where)} "  # noqa: S608
-            f"ORDER BY {order} LIMIT %s"
-        )
-        return sql, (*params, self.limit)
-
-    def sqlite(self, dialect: Any) -> tuple[str, tuple[Any, ...]]:
-        """SQL and parameters for sqlite3, times bound as SQLAlchemy's DateTime binds them."""
-        columns = _ENTRY_SELECT.format(data="data", occurred_at="occurred_at")
-        where: list[str] = ["id > ?"]
-        params: list[Any] = [self.after_id]
-        if self.run_id is not None:
-            # SQLite plans the equality well and would scan the whole run for the range.
-            where.append("run_id = ?")
-            params.append(self.run_id)
-        bind = log_entries.c.occurred_at.type.dialect_impl(dialect).bind_processor(dialect)
-        self._filters(where, params, "?", bind or (lambda value: value))
-        sql = (
-            f"SELECT {columns} FROM log_entries WHERE {' AND '.join(where)} "  # noqa: S608
-            "ORDER BY id LIMIT ?"
-        )
-        return sql, (*params, self.limit)
-
-    def _filters(
-        self, where: list[str], params: list[Any], mark: str, bind_time: Callable[[Any], Any]
-    ) -> None:
-        if self.min_level is not None and self.min_level.value in LEVEL_FILTERS:
-            where.append(LEVEL_FILTERS[self.min_level.value])  # a partial index's predicate
-        elif self.min_level is not None and self.min_level is not Level.DEBUG:
-            levels = _levels_at_least(self.min_level)
-            where.append(f"level IN ({', '.join([mark] * len(levels))})")
-            params += levels
-        if self.event is not None:
-            where.append(f"event = {mark}")
-            params.append(self.event)
-        if self.worker_id is not None:
-            where.append(f"worker_id = {mark}")
-            params.append(self.worker_id)
-        if self.since is not None:
-            where.append(f"occurred_at >= {mark}")
-            params.append(bind_time(self.since))
-        if self.until is not None:
-            where.append(f"occurred_at <= {mark}")
-            params.append(bind_time(self.until))
-        if self.pipeline is not None:
-            where.append(f"run_id IN (SELECT id FROM runs WHERE pipeline = {mark})")  # noqa: S608
-            params.append(self.pipeline)
-
-
-def _levels_at_least(level: Level) -> list[str]:
-    return [lv.value for lv in Level if lv.rank >= level.rank]
-
-
-class Store(TokenQueries, MaintenanceQueries, WebhookQueries):
+class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
     def __init__(self, url: str, *, max_entries_per_run: int | None = None) -> None:
@@ -951,128 +776,3 @@ class Store(TokenQueries, MaintenanceQueries, WebhookQueries):
         the same, so the id is a gap-free cursor. SQLite serialises writers anyway.
         """
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ENTRY_ORDER_LOCK})")
-
-    def entries(
-        self,
-        run_id: str | None = None,
-        *,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        worker_id: str | None = None,
-        pipeline: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[Entry]:
-        """Entries oldest first, after the ``after_id`` cursor, optionally filtered.
-
-        ``since`` and ``until`` bound ``occurred_at`` (both inclusive); ``pipeline``
-        filters through the run. The id is the only order and the only cursor.
-        """
-        query = _EntryQuery(
-            run_id, after_id, limit, min_level, event, worker_id, pipeline, since, until
-        )
-        with self._reader.connect() as conn:
-            return self._read_entries(conn, query, _entry_from_tuple, utc_text=False)
-
-    def entry_dicts(
-        self,
-        run_id: str | None = None,
-        *,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        worker_id: str | None = None,
-        pipeline: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[dict[str, Any]]:
-        """What :meth:`entries` returns, each as :meth:`Entry.as_dict` would give it.
-
-        Built straight from the driver's rows, for pages of a thousand. One
-        difference: ``occurred_at`` may be a naive UTC ``datetime`` rather than its
-        text; :func:`entries_json` writes it exactly as ``as_dict`` does.
-        """
-        query = _EntryQuery(
-            run_id, after_id, limit, min_level, event, worker_id, pipeline, since, until
-        )
-        with self._reader.connect() as conn:
-            return self._read_entries(conn, query, _dict_from_tuple, utc_text=True)
-
-    def run_entry_dicts(
-        self,
-        run_id: str,
-        *,
-        gateway: str | None = None,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[dict[str, Any]]:
-        """A page of one run's :meth:`entry_dicts`, the run looked up on the same connection.
-
-        Raises :class:`RunNotFound` when there is no such run, or when ``gateway``
-        is given and the run is not targeted at it (no entry is read then).
-        """
-        query = _EntryQuery(run_id, after_id, limit, min_level, event, None, None, since, until)
-        with self._reader.connect() as conn:
-            cursor = self._driver_cursor(conn)
-            try:
-                cursor.execute(_RUN_GATEWAY_SQL[self.dialect], (run_id,))
-                found = cursor.fetchone()
-            finally:
-                cursor.close()
-            if found is None or (gateway is not None and found[0] != gateway):
-                raise RunNotFound(run_id)
-            return self._read_entries(conn, query, _dict_from_tuple, utc_text=True)
-
-    def _driver_cursor(self, conn: Connection) -> Any:
-        """A DBAPI cursor on ``conn``, inside the transaction SQLAlchemy began on it.
-
-        Reads go to the driver directly: SQLAlchemy's per-row result processing
-        cost more than the query itself on a page of a thousand entries.
-        ``begin()`` keeps SQLAlchemy's bookkeeping right, so the connection is
-        rolled back when it returns to the pool (the SQLite reader's BEGIN is
-        deferred; PostgreSQL's is implicit).
-        """
-        if not conn.in_transaction():
-            conn.begin()
-        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-
-    def _read_entries(
-        self,
-        conn: Connection,
-        query: _EntryQuery,
-        build: Callable[[tuple[Any, ...]], _T],
-        *,
-        utc_text: bool,
-    ) -> list[_T]:
-        """Run ``query`` through the driver and ``build`` each row."""
-        cursor = self._driver_cursor(conn)
-        try:
-            if self.dialect == "postgresql":
-                # Naive UTC wall times are cheaper to load than zone-aware ones, and
-                # read the same once written out; only when the session is in UTC,
-                # so that every other zone keeps the offset it always had.
-                utc = utc_text and _session_in_utc(conn)
-                sql, params = query.postgresql(utc=utc)
-                cursor.execute(sql, params)
-                return [build(row) for row in cursor.fetchall()]
-            sql, params = query.sqlite(self.engine.dialect)
-            cursor.execute(sql, params)
-            return [build(row) for row in cursor.fetchall()]
-        finally:
-            cursor.close()
-
-    def count_entries(self, run_id: str) -> int:
-        """How many entries a run has."""
-        with self._reader.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).where(log_entries.c.run_id == run_id)
-                ).scalar_one()
-            )
