@@ -13,8 +13,10 @@ server-side cursor (PostgreSQL named cursors, MySQL ``SSCursor``) in pages of
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -188,10 +190,34 @@ class SqlSource:
         """Any database: SQLAlchemy's streaming result (server-side where the driver has it)."""
         size = self.config.page_size
         with self.engine.connect() as conn:
-            result = conn.execution_options(yield_per=size).execute(stmt, bound)
-            keys = list(result.keys())
-            for part in result.partitions(size):
-                yield RowPage(keys, part)
+            finished = False
+            try:
+                result = conn.execution_options(yield_per=size).execute(stmt, bound)
+                keys = list(result.keys())
+                for part in result.partitions(size):
+                    yield RowPage(keys, part)
+                finished = True
+            finally:
+                if not finished and conn.dialect.name in {"mysql", "mariadb"}:
+                    self._kill_query(conn)
+                    with contextlib.suppress(SQLAlchemyError), warnings.catch_warnings():
+                        # Reads up to the kill ("interrupted"); the connection is usable again.
+                        warnings.filterwarnings("ignore", "Previous unbuffered result")
+                        conn.rollback()
+
+    def _kill_query(self, conn: sa.Connection) -> None:
+        """Stop a MySQL query abandoned mid-slice (SIGTERM, cancel).
+
+        A MySQL driver must read an unbuffered result to its end before the
+        connection is usable or closed, which on a large table means every
+        remaining row; after ``KILL QUERY`` from another connection the server
+        stops sending, so the drain is short.
+        """
+        thread_id = getattr(conn.connection.driver_connection, "thread_id", None)
+        if thread_id is None:
+            return
+        with contextlib.suppress(SQLAlchemyError), self.engine.connect() as killer:
+            killer.exec_driver_sql(f"KILL QUERY {int(thread_id())}")
 
     def _psycopg_pages(self, stmt: sa.Select[Any], bound: dict[str, Any]) -> Iterator[RowPage]:
         """PostgreSQL: a psycopg named cursor, rows as plain tuples.
