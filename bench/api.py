@@ -90,7 +90,20 @@ def populate(url: str) -> tuple[str, list[int]]:
     return big, ids
 
 
-def _timed(fn: Any, n: int, warmup: int = 5) -> list[float]:
+def api_env(url: str, redis_url: str = "") -> tuple[Path, dict[str, str]]:
+    """A scratch directory and the environment of a ``quarry serve`` on ``url``."""
+    tmp = Path(tempfile.mkdtemp())
+    return tmp, {
+        **os.environ,
+        "QUARRY_DATABASE_URL": url,
+        "QUARRY_DATA_DIR": str(tmp),
+        "QUARRY_BROKER_URL": "",
+        "QUARRY_REDIS_URL": redis_url,
+    }
+
+
+def timed(fn: Any, n: int, warmup: int = 5) -> list[float]:
+    """Milliseconds of ``n`` calls of ``fn``, after ``warmup`` untimed ones."""
     for _ in range(warmup):  # caches, connection pools and the server's first requests
         fn()
     out = []
@@ -114,14 +127,7 @@ def pages(url: str, samples: int = 40) -> list[tuple[str, list[float], list[floa
     # full collection of this process's own heap (60-75 ms) lands in neither timing.
     gc.collect()
     gc.freeze()
-    tmp = Path(tempfile.mkdtemp())
-    env = {
-        **os.environ,
-        "QUARRY_DATABASE_URL": url,
-        "QUARRY_DATA_DIR": str(tmp),
-        "QUARRY_BROKER_URL": "",
-        "QUARRY_REDIS_URL": "",
-    }
+    tmp, env = api_env(url)
     store = Store(url)
     _, secret = store.create_token("read")
     store.close()
@@ -145,7 +151,7 @@ def pages(url: str, samples: int = 40) -> list[tuple[str, list[float], list[floa
             def raw_call(after: int = after, levels: tuple[str, ...] | None = levels) -> None:
                 raw(after, levels)
 
-            results.append((name, _timed(api_call, samples), _timed(raw_call, samples)))
+            results.append((name, timed(api_call, samples), timed(raw_call, samples)))
         client.close()
     finally:
         proc.terminate()
@@ -229,14 +235,7 @@ def stream_latency(
     run_id = store.create_run("bench-stream").id
     _, secret = store.create_token("read")
     store.close()
-    tmp = Path(tempfile.mkdtemp())
-    env = {
-        **os.environ,
-        "QUARRY_DATABASE_URL": url,
-        "QUARRY_DATA_DIR": str(tmp),
-        "QUARRY_BROKER_URL": "",
-        "QUARRY_REDIS_URL": redis_url,
-    }
+    tmp, env = api_env(url, redis_url)
     proc, base = serve_api(env, tmp / "api.log")
     lags: list[list[float]] = [[] for _ in range(clients)]
     try:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,20 +28,14 @@ from worker.store.reads import entries_json
 
 def median_ms(fn: Callable[[], Any], n: int = 40) -> float:
     """p50 milliseconds of ``fn`` after five warm-up calls."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times)
+    return statistics.median(api.timed(fn, n))
 
 
 def main() -> None:
     """Print each part's p50."""
     tmp = Path(tempfile.mkdtemp(prefix="quarry-page-breakdown-"))
     url = ingest.fresh_sqlite(tmp, "pages.db")
+    _, env = api.api_env(url)
     big, _ = api.populate(url)
     gc.collect()
     gc.freeze()
@@ -52,13 +44,6 @@ def main() -> None:
     page = store.entry_dicts(big, limit=1001)
     body = entries_json({"entries": page})
     raw = api._raw_query(url, big)
-    env = {
-        **os.environ,
-        "QUARRY_DATABASE_URL": url,
-        "QUARRY_DATA_DIR": str(tmp),
-        "QUARRY_BROKER_URL": "",
-        "QUARRY_REDIS_URL": "",
-    }
     proc, base = serve_api(env, tmp / "api.log")
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"})
     path = f"/api/v1/action-runs/{big}/logs"

@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 from worker import console as view
 from worker import control, runtime
 from worker.client import ApiClient
-from worker.errors import ConfigError, QuarryError
+from worker.errors import ConfigError, QuarryError, first_line
 from worker.models import Entry, Level, Status
 from worker.pipelines import load_pipelines, plan_slices
 from worker.runlog import escape_controls
@@ -567,9 +567,7 @@ def main() -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    return scrubber.text(
-        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    )
+    return scrubber.text(first_line(exc))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from celery import signals as celery_signals
 from scheduler.watchdog import fast_recover
 from worker import signals, webhooks
 from worker.celery_app import EXECUTE_RUN, WEBHOOK, app, send_run
+from worker.errors import first_line
 from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime
 from worker.scrub import scrub
@@ -88,9 +89,8 @@ def _on_worker_init(**_kwargs: Any) -> None:
     try:
         prepare_store()
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = f"quarry worker: cannot use the store at {scrub(get_settings().store_url)}: "
-        sys.stderr.write(message + scrub(first) + "\n")
+        sys.stderr.write(message + scrub(first_line(exc)) + "\n")
         raise SystemExit(1) from None
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from worker.destinations.base import SliceStats
 from worker.destinations.files import temp_path
-from worker.errors import DestinationError
+from worker.errors import DestinationError, first_line
 from worker.models import Event
 from worker.sources.base import Page, Row, RowPage
 
@@ -76,12 +76,7 @@ def _locate(page: list[Row], first_row: int, exc: Exception) -> str:
                 f"row {first_row + lo}, column {column!r}: a {kind} value that cannot be "
                 "stored with the column's earlier values in this page"
             )
-    return f"rows {first_row}-{first_row + len(page) - 1}: {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"rows {first_row}-{first_row + len(page) - 1}: {first_line(exc)}"
 
 
 def _fit(table: pa.Table, schema: pa.Schema, first_row: int) -> pa.Table:
@@ -235,7 +230,7 @@ class StagedParquet:
                     self._writer.close()
                     self._writer = None
         except _ARROW_ERRORS as exc:
-            msg = f"{self.final.name}: cannot write Parquet: {_first_line(exc)}"
+            msg = f"{self.final.name}: cannot write Parquet: {first_line(exc)}"
             raise DestinationError(msg) from None
         fd = os.open(self.temp, os.O_RDONLY)
         try:

@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from worker.destinations.base import SliceKey, SliceStats
-from worker.errors import ConfigError, DestinationError, LeaseLost
+from worker.errors import ConfigError, DestinationError, LeaseLost, first_line
 from worker.models import Event
 from worker.pipelines import parse_options
 from worker.scrub import scrubber
@@ -145,7 +145,7 @@ class PostgresDestination:
                     connect_timeout=10,
                 )
             except psycopg.Error as exc:
-                msg = f"cannot connect to {self.describe()['url']}: {_first_line(exc)}"
+                msg = f"cannot connect to {self.describe()['url']}: {first_line(exc)}"
                 raise DestinationError(scrubber.text(msg)) from None
             self._ready = False
         if not self._ready:
@@ -169,7 +169,7 @@ class PostgresDestination:
         except psycopg.errors.UniqueViolation:
             pass  # created concurrently by another worker: it exists now
         except psycopg.Error as exc:
-            msg = f"cannot prepare schema {self.config.db_schema!r}: {_first_line(exc)}"
+            msg = f"cannot prepare schema {self.config.db_schema!r}: {first_line(exc)}"
             raise DestinationError(scrubber.text(msg)) from None
         self._ready = True
 
@@ -285,7 +285,7 @@ class StagedTable:
                     if attempt > len(names) or not self._widen_for(exc, rows):
                         raise DestinationError(self._locate(exc)) from None
         except psycopg.Error as exc:
-            msg = f"{self.table}: {_first_line(exc)}"
+            msg = f"{self.table}: {first_line(exc)}"
             raise DestinationError(scrubber.text(msg)) from None
         self.rows += len(rows)
 
@@ -323,7 +323,7 @@ class StagedTable:
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
             self._abandon_stream()
-            raise DestinationError(scrubber.text(f"{self.table}: {_first_line(exc)}")) from None
+            raise DestinationError(scrubber.text(f"{self.table}: {first_line(exc)}")) from None
         self.rows += len(rows)
         return True
 
@@ -337,7 +337,7 @@ class StagedTable:
         except psycopg.errors.DataError as exc:
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
-            raise DestinationError(scrubber.text(f"{self.table}: {_first_line(exc)}")) from None
+            raise DestinationError(scrubber.text(f"{self.table}: {first_line(exc)}")) from None
 
     def _abandon_stream(self) -> None:
         stack, self._stream, self._stream_columns = self._stream, None, None
@@ -383,7 +383,7 @@ class StagedTable:
                     )
                     msg = (
                         f"row {self.rows + number}, column {column!r}: value cannot be "
-                        f"serialised ({_first_line(exc)})"
+                        f"serialised ({first_line(exc)})"
                     )
                     raise DestinationError(msg) from None
 
@@ -479,7 +479,7 @@ class StagedTable:
 
     def _locate(self, exc: psycopg.Error, base: int | None = None) -> str:
         row, column = self._where(exc)
-        problem = exc.diag.message_primary or _first_line(exc)
+        problem = exc.diag.message_primary or first_line(exc)
         if row is None:
             return f"{self.table}: {problem}"
         where = f"row {(self.rows if base is None else base) + row}" + (
@@ -501,7 +501,7 @@ class StagedTable:
                 (self.rows, self.table, self.key.run_id, self.key.index),
             )
         except psycopg.Error as exc:
-            raise DestinationError(f"{self.table}: {_first_line(exc)}") from None
+            raise DestinationError(f"{self.table}: {first_line(exc)}") from None
         return SliceStats(rows=self.rows, files=0, bytes=0)
 
     def publish(self) -> None:
@@ -520,8 +520,3 @@ class StagedTable:
 
 def _adaptable(value: Any) -> bool:
     return value is None or pg_type(value) != "text" or isinstance(value, str)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
