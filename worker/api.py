@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +39,7 @@ from worker.runtime import open_store
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
-from worker.store.reads import entries_json
+from worker.store.reads import JsonPage
 from worker.store.tokens import Token
 from worker.tasks import publish_run
 
@@ -58,9 +59,16 @@ def _error(status: int, message: str) -> JSONResponse:
     )
 
 
-def _entries_response(body: dict[str, Any]) -> Response:
-    """A page of ``Store.entry_dicts`` encoded once by orjson, skipping FastAPI's encoder."""
-    return Response(entries_json(body), media_type="application/json")
+def _page_response(page: JsonPage, *, null_cursor: bool) -> Response:
+    """``{"entries": [...], "cursor": "<id>"}`` around the store's JSON, FastAPI's encoder skipped.
+
+    The cursor is a string; on the last page it is null (``null_cursor``) or absent.
+    """
+    if page.cursor is not None:
+        tail = b',"cursor":"%d"}' % page.cursor
+    else:
+        tail = b',"cursor":null}' if null_cursor else b"}"
+    return Response(b"".join((b'{"entries":', page.entries, tail)), media_type="application/json")
 
 
 def _store_of(request: Request) -> Store:
@@ -75,7 +83,7 @@ async def _store(request: Request) -> Store:
 StoreDep = Annotated[Store, Depends(_store)]
 
 
-def _authenticated(
+async def _authenticated(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Token:
@@ -83,7 +91,13 @@ def _authenticated(
         raise HTTPException(400, "tokens in URLs are refused: use the Authorization header")
     if credentials is None:
         raise HTTPException(401, "missing bearer token")
-    token = _store_of(request).verify_token(credentials.credentials)
+    store = _store_of(request)
+    if store.dialect == "sqlite":
+        # One indexed read of a local file, on the event loop: the trip through the thread
+        # pool and back cost more than the read (bench/page_breakdown.py).
+        token = store.verify_token(credentials.credentials)
+    else:  # a network round trip: off the loop
+        token = await run_in_threadpool(store.verify_token, credentials.credentials)
     if token is None:
         raise HTTPException(401, "invalid or revoked token")
     request.state.secret = credentials.credentials
@@ -159,20 +173,19 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = Request(scope)
-        length = request.headers.get("content-length")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             await _error(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
             return
-        if length is None and request.method in {"POST", "PATCH", "PUT"}:
+        if length is None and scope["method"] in {"POST", "PATCH", "PUT"}:
             body = await _read_body(receive)
             if len(body) > MAX_BODY_BYTES:
                 await _error(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
                 return
             receive = _replay(body, receive)
         # No store can hold NUL in text; a NUL in a filter or an id can match nothing.
-        raw = request.url.path + "?" + (request.url.query or "")
-        if "\x00" in raw or "%00" in raw:
+        query = scope.get("query_string", b"")
+        if "\x00" in scope["path"] or b"\x00" in query or b"%00" in query:
             message = "NUL characters are not allowed in paths or query parameters"
             await _error(400, message)(scope, receive, send)
             return
@@ -268,8 +281,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         return run
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """The process is up."""
+    async def healthz() -> dict[str, str]:
+        """The process is up (answered on the event loop: a full thread pool does not fail it)."""
         return {"status": "ok"}
 
     @app.get("/readyz")
@@ -388,12 +401,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             visible_run(db, token, run_id)  # an unknown run is a 404 before a bad parameter
             raise
         try:
-            # The run's visibility and the page on one connection, rows straight to dicts.
-            entries = db.run_entry_dicts(
+            # The run's visibility and the page on one connection, the page as JSON bytes.
+            page = db.run_entry_page_json(
                 run_id,
                 gateway=token.gateway,
                 after_id=after_id,
-                limit=limit + 1,
+                limit=limit,
                 min_level=min_level,
                 event=event,
                 since=since,
@@ -401,10 +414,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             )
         except RunNotFound:
             raise HTTPException(404, f"no run {run_id}") from None
-        page, more = entries[:limit], len(entries) > limit
-        return _entries_response(
-            {"entries": page, "cursor": str(page[-1]["id"]) if more and page else None}
-        )
+        return _page_response(page, null_cursor=True)
 
     @app.get("/api/v1/action-runs/{run_id}/logs/stream")
     async def run_stream(
@@ -466,21 +476,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         """Entries across runs, oldest first; no ``cursor`` in the answer means the end."""
         if token.gateway is not None:
             raise HTTPException(403, "the flat view needs an operator or read token")
-        entries = db.entry_dicts(
+        page = db.entry_page_json(
             run_id,
             after_id=parse_cursor(cursor),
-            limit=count + 1,
+            limit=count,
             event=event,
             worker_id=worker_id,
             pipeline=pipeline,
             since=parse_time("from", from_),
             until=parse_time("to", to),
         )
-        page, more = entries[:count], len(entries) > count
-        body: dict[str, Any] = {"entries": page}
-        if more and page:
-            body["cursor"] = str(page[-1]["id"])
-        return _entries_response(body)
+        return _page_response(page, null_cursor=False)
 
     return app
 

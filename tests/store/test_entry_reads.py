@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 
@@ -87,6 +88,7 @@ def filled(store: Store) -> tuple[Store, str, str]:
 CASES: list[dict[str, Any]] = [
     {},
     {"limit": 7},
+    {"limit": 1},
     {"after_id": 50},
     {"run_id": "RUN"},
     {"run_id": "RUN", "after_id": 60, "limit": 5},
@@ -118,17 +120,35 @@ def test_entries_and_dicts_match_the_core_query(
     assert encoded.decode() == jsonfmt.dumps({"entries": [e.as_dict() for e in want]})
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_json_pages_are_the_core_query_as_dict_bytes(
+    filled: tuple[Store, str, str], case: dict[str, Any]
+) -> None:
+    """The API's page bytes (SQLite writes them itself) are as_dict's, and the cursor follows."""
+    store, big, _ = filled
+    filters = {k: (big if v == "RUN" else v) for k, v in case.items()}
+    limit = filters.pop("limit", 1000)
+    want = reference(store, **filters, limit=limit + 1)
+    page = store.entry_page_json(**filters, limit=limit)
+    assert page.entries.decode() == jsonfmt.dumps([e.as_dict() for e in want[:limit]])
+    assert page.cursor == (want[limit - 1].id if len(want) > limit else None)
+
+
 def test_run_page_checks_the_run_and_its_gateway(filled: tuple[Store, str, str]) -> None:
-    """One run's page: the same dicts; a missing run or another gateway's run raises."""
+    """One run's page: the same bytes and cursor; a missing run or another gateway's raises."""
     store, big, other = filled
-    page = store.run_entry_dicts(big, after_id=10, limit=20, min_level=Level.INFO)
-    assert page == store.entry_dicts(big, after_id=10, limit=20, min_level=Level.INFO)
-    assert len(page) == 20
-    assert store.run_entry_dicts(other, gateway="edge")
+    page = store.run_entry_page_json(big, after_id=10, limit=20, min_level=Level.INFO)
+    assert page == store.entry_page_json(big, after_id=10, limit=20, min_level=Level.INFO)
+    assert len(orjson.loads(page.entries)) == 20
+    assert page.cursor is not None
+    last = store.run_entry_page_json(big, after_id=page.cursor, limit=1000)
+    assert last.cursor is None
+    assert orjson.loads(last.entries)[0]["id"] > page.cursor
+    assert orjson.loads(store.run_entry_page_json(other, gateway="edge").entries)
     with pytest.raises(RunNotFound):
-        store.run_entry_dicts(big, gateway="edge")
+        store.run_entry_page_json(big, gateway="edge")
     with pytest.raises(RunNotFound):
-        store.run_entry_dicts("run_missing")
+        store.run_entry_page_json("run_missing")
 
 
 def test_nul_is_read_back_escaped(filled: tuple[Store, str, str]) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -77,6 +77,22 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def driver_cursor(conn: Connection) -> Any:
+    """A DBAPI cursor on ``conn``, for reads that skip SQLAlchemy's result layer.
+
+    The hot reads (entry pages, token checks) go to the driver directly:
+    SQLAlchemy's per-statement and per-row processing cost more than the query
+    itself. On PostgreSQL ``begin()`` keeps SQLAlchemy's bookkeeping in step
+    with psycopg's implicit transaction. On SQLite nothing is begun: each
+    statement reads its own snapshot, which is all these reads need, and a
+    BEGIN through SQLAlchemy cost more than the token check's whole query. The
+    pool rolls the connection back when it returns either way.
+    """
+    if conn.dialect.name != "sqlite" and not conn.in_transaction():
+        conn.begin()
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 class db_epoch(FunctionElement[float]):  # noqa: N801 - reads as the SQL function it compiles to
