@@ -31,9 +31,9 @@ test: lint
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/store -q
 
-## bench: throughput and latency against raw baselines measured in the same run
+## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=api: the API part alone)
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## chaos: 20 runs x 50 slices across three workers under random signals and Redis restarts
 chaos: $(STAMP)

@@ -48,9 +48,15 @@ def row(name: str, value: str, baseline: str = "", ratio: str = "", goal: str = 
 
 
 def main() -> int:
-    """Run every benchmark and print a table."""
+    """Run every benchmark and print a table (``python -m bench api``: the API part alone)."""
     total = RUNS * PER_RUN
     tmp = Path(tempfile.mkdtemp(prefix="quarry-bench-"))
+    if sys.argv[1:] == ["api"]:
+        api_rows(tmp)
+        return 0
+    if sys.argv[1:]:
+        print(f"usage: python -m bench [api]; got {' '.join(sys.argv[1:])!r}", file=sys.stderr)
+        return 2
     print(
         f"Quarry bench — {RUNS} concurrent runs × {PER_RUN:,} entries = {total:,} entries; {os.cpu_count()} cores\n"
     )

@@ -2,9 +2,10 @@
 
 Times (p50 of 40, after 5 warm-ups) each part of a page of 1000 entries from a
 1,000,000-entry store, against the raw keyset query: the store's reads (as
-dicts, and as the JSON bytes the API sends), the orjson encode of the dicts, the client's decode (stdlib and orjson), the API request with
-and without decoding, and the smallest requests (``/healthz``, a 404 through
-the token check) that bound the fixed HTTP cost.
+dicts, and as the JSON bytes the API sends), the orjson encode of the dicts,
+the client's decode (stdlib and orjson), the API request with and without
+decoding, and the smallest requests (``/healthz``, a 404 through the token
+check) that bound the fixed HTTP cost.
 """
 
 from __future__ import annotations

@@ -95,6 +95,16 @@ def driver_cursor(conn: Connection) -> Any:
     return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
+def fetch_one(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The first row of ``sql`` through :func:`driver_cursor`, or None."""
+    cursor = driver_cursor(conn)
+    try:
+        cursor.execute(sql, params)
+        return cursor.fetchone()  # type: ignore[no-any-return]
+    finally:
+        cursor.close()
+
+
 class db_epoch(FunctionElement[float]):  # noqa: N801 - reads as the SQL function it compiles to
     """The database clock as float seconds since the Unix epoch."""
 

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, func, select
 from worker.errors import RunNotFound
 from worker.jsonfmt import loads
 from worker.models import Entry, Level
-from worker.store.engine import aware, driver_cursor, utcnow
+from worker.store.engine import aware, driver_cursor, fetch_one, utcnow
 from worker.store.tables import LEVEL_FILTERS, log_entries
 
 #: Columns of an entry row, in the order the builders below unpack them.
@@ -313,12 +313,7 @@ class EntryReads:
         """
         query = _EntryQuery(run_id, after_id, limit + 1, min_level, event, None, None, since, until)
         with self._reader.connect() as conn:
-            cursor = driver_cursor(conn)
-            try:
-                cursor.execute(_RUN_GATEWAY_SQL[self.dialect], (run_id,))
-                found = cursor.fetchone()
-            finally:
-                cursor.close()
+            found = fetch_one(conn, _RUN_GATEWAY_SQL[self.dialect], (run_id,))
             if found is None or (gateway is not None and found[0] != gateway):
                 raise RunNotFound(run_id)
             return self._page_json(conn, query, limit)

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from worker.store.engine import aware, driver_cursor
+from worker.store.engine import aware, fetch_one
 from worker.store.tables import api_tokens
 
 #: Prefix of every token secret, so scanners and the scrubber can recognise one.
@@ -112,12 +112,7 @@ class TokenQueries:
         """
         digest = hash_secret(secret)
         with self._reader.connect() as conn:
-            cursor = driver_cursor(conn)
-            try:
-                cursor.execute(_VERIFY_SQL[self.dialect], (digest,))
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            row = fetch_one(conn, _VERIFY_SQL[self.dialect], (digest,))
         if row is None:
             return None
         token_id, name, scope, token_hash, created_at, revoked_at = row
