@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 import pytest
 from sqlalchemy import select
@@ -176,3 +178,23 @@ def test_a_session_outside_utc_keeps_its_offsets(
         assert encoded == jsonfmt.dumps([e.as_dict() for e in want])
     finally:
         kolkata.close()
+
+
+def test_sqlite_token_check_finds_a_connection_with_every_thread_busy(store: Store) -> None:
+    """The API checks tokens on its event loop on SQLite: with every thread of anyio's pool
+    holding a reader connection, the check still gets one (it would wait 30 s for one)."""
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL checks tokens off the event loop")
+    _, secret = store.create_token("read")
+
+    async def pool_threads() -> int:
+        return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+
+    threads = anyio.run(pool_threads)
+    held = [store._reader.connect() for _ in range(threads)]
+    try:
+        token = store.verify_token(secret)
+    finally:
+        for conn in held:
+            conn.close()
+    assert token is not None and token.scope == "read"

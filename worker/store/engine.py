@@ -33,6 +33,10 @@ def aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+#: Connections a SQLite engine opens beyond its five pooled ones (they are file handles).
+SQLITE_MAX_OVERFLOW = 45
+
+
 def make_engine(url: str, *, immediate: bool = True) -> Engine:
     """An engine for ``url``; on SQLite, transactions take the write lock at BEGIN.
 
@@ -58,7 +62,14 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
-        url, json_serializer=dumps, json_deserializer=loads, connect_args={"timeout": 30}
+        url,
+        json_serializer=dumps,
+        json_deserializer=loads,
+        connect_args={"timeout": 30},
+        # Room for every thread of the API's pool (40) and its event loop, which checks
+        # tokens itself on SQLite: it must never wait for a connection a thread holds.
+        pool_size=5,
+        max_overflow=SQLITE_MAX_OVERFLOW,
     )
 
     @event.listens_for(engine, "connect")
