@@ -389,6 +389,45 @@ def test_nul_characters_are_stored_escaped_not_refused(store: Store) -> None:
     assert got.data == {"k\\x00": ["v\\x00"]}
 
 
+def test_entry_cap_counts_through_checkpoint_commits(store: Store) -> None:
+    """A checkpoint's entries are counted by the fence's own UPDATE: the same cap, the same
+    log_truncated entries, a mix of pipe-written and committed entries counted together."""
+    store.max_entries_per_run = 5
+    run = store.create_run("demo")
+    lease = store.acquire(run.id, "w", 30)
+    assert lease is not None
+    store.append_entries([entry(run.id, f"a{i}", epoch=lease.epoch) for i in range(2)])
+    store.commit(
+        lease,
+        [entry(run.id, f"c{i}", epoch=lease.epoch) for i in range(2)],
+        checkpoint={"n": 1},
+    )
+    store.commit(
+        lease,
+        [entry(run.id, f"d{i}", epoch=lease.epoch) for i in range(3)]
+        + [entry(run.id, "warn", epoch=lease.epoch, level=Level.WARNING)],
+        checkpoint={"n": 2},
+    )
+    store.commit(lease, [entry(run.id, "e0", epoch=lease.epoch)], checkpoint={"n": 3})
+    store.finish(lease, Status.SUCCEEDED, [entry(run.id, "run_completed", epoch=lease.epoch)])
+    events = [e.event for e in store.entries(run.id)]
+    assert events == [
+        "a0",
+        "a1",
+        "c0",
+        "c1",
+        "d0",
+        "warn",
+        "log_truncated",
+        "log_truncated",
+        "run_completed",
+    ]
+    first, final = [e for e in store.entries(run.id) if e.event == "log_truncated"]
+    assert first.data == {"limit": 5, "dropped": 2, "final": False}
+    assert final.data == {"limit": 5, "dropped": 3, "final": True}
+    assert store.get_run(run.id).checkpoint == {"n": 3}
+
+
 def test_entry_cap_drops_info_keeps_warnings_and_counts(store: Store) -> None:
     """Past the cap, info entries are dropped, warnings and errors kept, and log_truncated counts them."""
     store.max_entries_per_run = 5

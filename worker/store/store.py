@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -437,6 +437,12 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
             values["checkpoint"] = checkpoint
         if summary is not None:
             values["telemetry_summary"] = summary
+        counted = 0
+        if self.max_entries_per_run is not None:
+            counted = sum(1 for e in entries if e.run_id == lease.run_id and _cappable(e))
+        if counted:
+            # The cap's counter rides on the fence's UPDATE: a statement fewer a checkpoint.
+            values["entry_count"] = runs.c.entry_count + counted
         ordered = bool(entries)
         with self._transaction() as conn:
             row = self._fence(conn, lease, values, order_entries=ordered)
@@ -445,7 +451,9 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
                     lease.run_id, self.max_entries_per_run, row.entries_dropped, final=True
                 )
                 entries = [*entries[:-1], closing, *entries[-1:]]
-            self._insert_entries(conn, entries, ordered=ordered)
+            self._insert_entries(
+                conn, entries, ordered=ordered, counted={lease.run_id: row} if counted else None
+            )
             if before_commit is not None:
                 before_commit()
 
@@ -471,7 +479,7 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
                 runs.c.status == Status.RUNNING.value,
             )
             .values(**values)
-            .returning(runs.c.cancel_requested, runs.c.entries_dropped)
+            .returning(runs.c.cancel_requested, runs.c.entries_dropped, runs.c.entry_count)
         )
         if order_entries and self.dialect == "postgresql":
             stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
@@ -666,10 +674,19 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         return refused
 
     def _insert_entries(
-        self, conn: Connection, entries: Iterable[NewEntry], *, ordered: bool = False
+        self,
+        conn: Connection,
+        entries: Iterable[NewEntry],
+        *,
+        ordered: bool = False,
+        counted: Mapping[str, Any] | None = None,
     ) -> None:
-        """Insert entries; ``ordered`` means the entry-order lock is already held."""
-        entries = self._apply_cap(conn, list(entries))
+        """Insert entries; ``ordered`` means the entry-order lock is already held.
+
+        ``counted``: runs whose cap counter this transaction already raised by their
+        cappable entries, with the row that UPDATE returned (see :meth:`_apply_cap`).
+        """
+        entries = self._apply_cap(conn, list(entries), counted or {})
         touched = conn.info.get(_TOUCHED)
         if touched is not None:
             touched.update(e.run_id for e in entries)
@@ -698,11 +715,15 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         if texts:
             conn.exec_driver_sql(_SQLITE_INSERT, texts)
 
-    def _apply_cap(self, conn: Connection, entries: list[NewEntry]) -> list[NewEntry]:
+    def _apply_cap(
+        self, conn: Connection, entries: list[NewEntry], counted: Mapping[str, Any]
+    ) -> list[NewEntry]:
         """Keep each run within ``max_entries_per_run`` info entries; count what is dropped.
 
         The counters live on the run row, updated in this transaction (its row lock
-        is taken before the entry-order lock, as everywhere).
+        is taken before the entry-order lock, as everywhere). A run in ``counted``
+        had its ``entry_count`` raised already (by the fence's UPDATE), which
+        returned the row given.
         """
         cap = self.max_entries_per_run
         if cap is None or not entries:
@@ -714,12 +735,15 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         allowed: dict[str, int] = {}
         notes: list[NewEntry] = []
         for run_id, count in low.items():
-            row = conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(entry_count=runs.c.entry_count + count)
-                .returning(runs.c.entry_count, runs.c.entries_dropped)
-            ).first()
+            row = (
+                counted.get(run_id)
+                or conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id)
+                    .values(entry_count=runs.c.entry_count + count)
+                    .returning(runs.c.entry_count, runs.c.entries_dropped)
+                ).first()
+            )
             if row is None:
                 allowed[run_id] = count
                 continue
