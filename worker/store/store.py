@@ -11,6 +11,7 @@ commit between the check and the writes that follow it in the transaction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,10 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
+    Update,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -29,6 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.sql.expression import ClauseElement
 
 from worker.errors import IllegalTransition, LeaseLost, RunNotFound
 from worker.jsonfmt import dumps, loads
@@ -111,6 +116,34 @@ def _strip_nul(value: Any) -> Any:
 
 #: Info entries the cap never drops: ownership and endings, which readers wait for.
 _UNCAPPED_EVENTS = frozenset({Event.LEASE_ACQUIRED.value, *(e.value for e in TERMINAL_EVENTS)})
+
+
+@functools.lru_cache(maxsize=64)
+def _fence_update(names: tuple[str, ...], add_entries: bool, order_entries: bool) -> Update:
+    """The holder's conditional UPDATE of ``names``, every value bound by name.
+
+    Binds: ``fence_run``, ``fence_epoch``, ``set_<column>`` and, with
+    ``add_entries``, ``add_entries`` (added to ``entry_count``). With
+    ``order_entries`` it also takes the entry-order lock (PostgreSQL).
+    """
+    values: dict[str, Any] = {
+        name: bindparam(f"set_{name}", type_=runs.c[name].type) for name in names
+    }
+    if add_entries:
+        values["entry_count"] = runs.c.entry_count + bindparam("add_entries", type_=Integer())
+    stmt = (
+        update(runs)
+        .where(
+            runs.c.id == bindparam("fence_run"),
+            runs.c.lease_epoch == bindparam("fence_epoch"),
+            runs.c.status == Status.RUNNING.value,
+        )
+        .values(values)
+        .returning(runs.c.cancel_requested, runs.c.entries_dropped, runs.c.entry_count)
+    )
+    if order_entries:
+        stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
+    return stmt
 
 
 def _cappable(entry: NewEntry) -> bool:
@@ -440,12 +473,10 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         counted = 0
         if self.max_entries_per_run is not None:
             counted = sum(1 for e in entries if e.run_id == lease.run_id and _cappable(e))
-        if counted:
-            # The cap's counter rides on the fence's UPDATE: a statement fewer a checkpoint.
-            values["entry_count"] = runs.c.entry_count + counted
         ordered = bool(entries)
         with self._transaction() as conn:
-            row = self._fence(conn, lease, values, order_entries=ordered)
+            # The cap's counter rides on the fence's UPDATE: a statement fewer a checkpoint.
+            row = self._fence(conn, lease, values, order_entries=ordered, add_entries=counted)
             if final and row.entries_dropped and self.max_entries_per_run is not None:
                 closing = _truncation_entry(
                     lease.run_id, self.max_entries_per_run, row.entries_dropped, final=True
@@ -464,26 +495,27 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         values: dict[str, Any],
         *,
         order_entries: bool = False,
+        add_entries: int = 0,
     ) -> Any:
         """The holder's conditional UPDATE; raises LeaseLost when the epoch moved on.
+
+        ``add_entries`` raises the run's cap counter (``entry_count``) in the same
+        statement. The statement is built once per set of columns (:func:`_fence_update`):
+        building it anew cost a tenth of a checkpoint.
 
         With ``order_entries`` on PostgreSQL the entry-order lock is taken in the
         same statement (``RETURNING pg_advisory_xact_lock(…)``), saving a round
         trip on every checkpoint; it is still taken after the row lock.
         """
-        stmt = (
-            update(runs)
-            .where(
-                runs.c.id == lease.run_id,
-                runs.c.lease_epoch == lease.epoch,
-                runs.c.status == Status.RUNNING.value,
-            )
-            .values(**values)
-            .returning(runs.c.cancel_requested, runs.c.entries_dropped, runs.c.entry_count)
+        plain = {k: v for k, v in values.items() if not isinstance(v, ClauseElement)}
+        stmt = _fence_update(
+            tuple(sorted(plain)), add_entries > 0, order_entries and self.dialect == "postgresql"
         )
-        if order_entries and self.dialect == "postgresql":
-            stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
-        row = conn.execute(stmt).first()
+        if len(plain) < len(values):  # SQL expressions (renew's lease deadline): a new statement
+            stmt = stmt.values({k: v for k, v in values.items() if k not in plain})
+        params = {f"set_{k}": v for k, v in plain.items()}
+        params.update(fence_run=lease.run_id, fence_epoch=lease.epoch, add_entries=add_entries)
+        row = conn.execute(stmt, params).first()
         if row is None:
             raise LeaseLost(f"{lease.run_id} epoch {lease.epoch}")
         return row
