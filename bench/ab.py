@@ -14,7 +14,6 @@ there; the harness is this checkout's.
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import subprocess
@@ -28,7 +27,6 @@ import httpx
 from bench import api, ingest
 from bench.__main__ import fresh_pg
 from tests.acceptance.harness import free_port, wait_for
-from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("BENCH_AB_ROUNDS", "4"))
@@ -84,15 +82,8 @@ def slices_ab(srcs: dict[str, str]) -> None:
 
 def pages_ab(srcs: dict[str, str]) -> None:
     """First-page milliseconds through each revision's API, alternating with raw SQL."""
-    tmp = Path(tempfile.mkdtemp())
-    url = ingest.fresh_sqlite(tmp, "pages.db")
-    _, env = api.api_env(url)
-    big, _ = api.populate(url)
-    gc.collect()
-    gc.freeze()
-    store = Store(url)
-    _, secret = store.create_token("read")
-    store.close()
+    url = ingest.fresh_sqlite(Path(tempfile.mkdtemp()), "pages.db")
+    _, env, big, _, secret = api.page_store(url)
     procs, calls = [], {}
     raw = api._raw_query(url, big)
     try:

@@ -140,21 +140,29 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def pages(url: str, samples: int = 200) -> list[tuple[str, list[float], list[float]]]:
-    """(page, API ms, raw keyset SQL ms) for the first, last and level=warning pages.
-
-    200 samples a side, so that a p99 is a percentile and not the second-worst of
-    forty, taken alternately (:func:`timed_pair`).
+def page_store(url: str) -> tuple[Path, dict[str, str], str, list[int], str]:
+    """:func:`populate` ``url``; a scratch directory and the environment of an API on it,
+    the big run, its entry ids and a read token's secret.
     """
     big, ids = populate(url)
     # The populated rows are gone, the imports stay: out of the collector's sight, so that a
-    # full collection of this process's own heap (60-75 ms) lands in neither timing.
+    # full collection of this process's own heap (60-75 ms) lands in no timing.
     gc.collect()
     gc.freeze()
     tmp, env = api_env(url)
     store = Store(url)
     _, secret = store.create_token("read")
     store.close()
+    return tmp, env, big, ids, secret
+
+
+def pages(url: str, samples: int = 200) -> list[tuple[str, list[float], list[float]]]:
+    """(page, API ms, raw keyset SQL ms) for the first, last and level=warning pages.
+
+    200 samples a side, so that a p99 is a percentile and not the second-worst of
+    forty, taken alternately (:func:`timed_pair`).
+    """
+    tmp, env, big, ids, secret = page_store(url)
     proc, base = serve_api(env, tmp / "api.log")
     last_cursor = str(ids[-1001])
     cases = {

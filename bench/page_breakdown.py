@@ -10,7 +10,6 @@ check) that bound the fixed HTTP cost.
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import tempfile
@@ -36,12 +35,8 @@ def main() -> None:
     """Print each part's p50."""
     tmp = Path(tempfile.mkdtemp(prefix="quarry-page-breakdown-"))
     url = ingest.fresh_sqlite(tmp, "pages.db")
-    _, env = api.api_env(url)
-    big, _ = api.populate(url)
-    gc.collect()
-    gc.freeze()
+    _, env, big, _, secret = api.page_store(url)
     store = Store(url)
-    _, secret = store.create_token("read")
     page = store.entry_dicts(big, limit=1001)
     body = entries_json({"entries": page})
     raw = api._raw_query(url, big)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.errors import IllegalTransition, LeaseLost, RunNotFound
-from worker.models import Level, NewEntry, Status
+from worker.models import Lease, Level, NewEntry, Run, Status
 from worker.store import Store
 
 
@@ -389,13 +389,19 @@ def test_nul_characters_are_stored_escaped_not_refused(store: Store) -> None:
     assert got.data == {"k\\x00": ["v\\x00"]}
 
 
-def test_entry_cap_counts_through_checkpoint_commits(store: Store) -> None:
-    """A checkpoint's entries are counted by the fence's own UPDATE: the same cap, the same
-    log_truncated entries, a mix of pipe-written and committed entries counted together."""
-    store.max_entries_per_run = 5
+def capped_run(store: Store, cap: int) -> tuple[Run, Lease]:
+    """A leased run on ``store`` with ``cap`` info entries a run."""
+    store.max_entries_per_run = cap
     run = store.create_run("demo")
     lease = store.acquire(run.id, "w", 30)
     assert lease is not None
+    return run, lease
+
+
+def test_entry_cap_counts_through_checkpoint_commits(store: Store) -> None:
+    """A checkpoint's entries are counted by the fence's own UPDATE: the same cap, the same
+    log_truncated entries, a mix of pipe-written and committed entries counted together."""
+    run, lease = capped_run(store, 5)
     store.append_entries([entry(run.id, f"a{i}", epoch=lease.epoch) for i in range(2)])
     store.commit(
         lease,
@@ -430,10 +436,7 @@ def test_entry_cap_counts_through_checkpoint_commits(store: Store) -> None:
 
 def test_entry_cap_drops_info_keeps_warnings_and_counts(store: Store) -> None:
     """Past the cap, info entries are dropped, warnings and errors kept, and log_truncated counts them."""
-    store.max_entries_per_run = 5
-    run = store.create_run("demo")
-    lease = store.acquire(run.id, "w", 30)
-    assert lease is not None
+    run, lease = capped_run(store, 5)
     batch = [entry(run.id, f"i{i}", epoch=lease.epoch) for i in range(4)]
     store.append_entries(batch)
     store.append_entries(

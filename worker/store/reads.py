@@ -15,9 +15,9 @@ Python object at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import orjson
 from sqlalchemy import Connection, Engine, func, select
@@ -130,14 +130,14 @@ class _EntryQuery:
     """The keyset query behind :meth:`Store.entries`, as driver SQL for either database."""
 
     run_id: str | None
-    after_id: int
-    limit: int
-    min_level: Level | None
-    event: str | None
-    worker_id: str | None
-    pipeline: str | None
-    since: datetime | None
-    until: datetime | None
+    after_id: int = 0
+    limit: int = 1000
+    min_level: Level | None = None
+    event: str | None = None
+    worker_id: str | None = None
+    pipeline: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
     def postgresql(self, *, utc: bool) -> tuple[str, tuple[Any, ...]]:
         """SQL and parameters for psycopg; ``utc``: occurred_at as naive UTC wall time."""
@@ -214,6 +214,24 @@ class JsonPage:
     cursor: int | None
 
 
+class EntryFilters(TypedDict, total=False):
+    """The keyword filters of the entry reads (``Store.entries`` and the pages)."""
+
+    #: The cursor: entries with a larger id.
+    after_id: int
+    #: Most entries returned (1000 unless given).
+    limit: int
+    #: This level and above (``warning``: warnings and errors).
+    min_level: Level | None
+    event: str | None
+    worker_id: str | None
+    #: Entries of this pipeline's runs.
+    pipeline: str | None
+    #: ``occurred_at`` bounds, both inclusive.
+    since: datetime | None
+    until: datetime | None
+
+
 def _levels_at_least(level: Level) -> list[str]:
     return [lv.value for lv in Level if lv.rank >= level.rank]
 
@@ -225,42 +243,18 @@ class EntryReads:
     _reader: Engine
     dialect: str
 
-    def entries(
-        self,
-        run_id: str | None = None,
-        *,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        worker_id: str | None = None,
-        pipeline: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[Entry]:
+    def entries(self, run_id: str | None = None, **filters: Unpack[EntryFilters]) -> list[Entry]:
         """Entries oldest first, after the ``after_id`` cursor, optionally filtered.
 
         ``since`` and ``until`` bound ``occurred_at`` (both inclusive); ``pipeline``
         filters through the run. The id is the only order and the only cursor.
         """
-        query = _EntryQuery(
-            run_id, after_id, limit, min_level, event, worker_id, pipeline, since, until
-        )
         with self._reader.connect() as conn:
+            query = _EntryQuery(run_id, **filters)
             return self._read_entries(conn, query, _entry_from_tuple, utc_text=False)
 
     def entry_dicts(
-        self,
-        run_id: str | None = None,
-        *,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        worker_id: str | None = None,
-        pipeline: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        self, run_id: str | None = None, **filters: Unpack[EntryFilters]
     ) -> list[dict[str, Any]]:
         """What :meth:`entries` returns, each as :meth:`Entry.as_dict` would give it.
 
@@ -268,58 +262,35 @@ class EntryReads:
         difference: ``occurred_at`` may be a naive UTC ``datetime`` rather than its
         text; :func:`entries_json` writes it exactly as ``as_dict`` does.
         """
-        query = _EntryQuery(
-            run_id, after_id, limit, min_level, event, worker_id, pipeline, since, until
-        )
         with self._reader.connect() as conn:
+            query = _EntryQuery(run_id, **filters)
             return self._read_entries(conn, query, _dict_from_tuple, utc_text=True)
 
     def entry_page_json(
-        self,
-        run_id: str | None = None,
-        *,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        worker_id: str | None = None,
-        pipeline: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        self, run_id: str | None = None, **filters: Unpack[EntryFilters]
     ) -> JsonPage:
         """A page of :meth:`entry_dicts` (``limit`` at most) as :func:`entries_json` bytes."""
-        query = _EntryQuery(
-            run_id, after_id, limit + 1, min_level, event, worker_id, pipeline, since, until
-        )
         with self._reader.connect() as conn:
-            return self._page_json(conn, query, limit)
+            return self._page_json(conn, _EntryQuery(run_id, **filters))
 
     def run_entry_page_json(
-        self,
-        run_id: str,
-        *,
-        gateway: str | None = None,
-        after_id: int = 0,
-        limit: int = 1000,
-        min_level: Level | None = None,
-        event: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        self, run_id: str, *, gateway: str | None = None, **filters: Unpack[EntryFilters]
     ) -> JsonPage:
         """One run's :meth:`entry_page_json`, the run looked up on the same connection.
 
         Raises :class:`RunNotFound` when there is no such run, or when ``gateway``
         is given and the run is not targeted at it (no entry is read then).
         """
-        query = _EntryQuery(run_id, after_id, limit + 1, min_level, event, None, None, since, until)
         with self._reader.connect() as conn:
             found = fetch_one(conn, _RUN_GATEWAY_SQL[self.dialect], (run_id,))
             if found is None or (gateway is not None and found[0] != gateway):
                 raise RunNotFound(run_id)
-            return self._page_json(conn, query, limit)
+            return self._page_json(conn, _EntryQuery(run_id, **filters))
 
-    def _page_json(self, conn: Connection, query: _EntryQuery, limit: int) -> JsonPage:
-        """``query`` (``limit + 1`` rows, to learn whether more follow) as a :class:`JsonPage`."""
+    def _page_json(self, conn: Connection, page: _EntryQuery) -> JsonPage:
+        """``page`` as a :class:`JsonPage`, one row more read to learn whether more follow."""
+        limit = page.limit
+        query = replace(page, limit=limit + 1)
         if self.dialect == "sqlite":
             cursor = driver_cursor(conn)
             try:
