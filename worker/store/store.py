@@ -501,7 +501,8 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
 
         ``add_entries`` raises the run's cap counter (``entry_count``) in the same
         statement. The statement is built once per set of columns (:func:`_fence_update`):
-        building it anew cost a tenth of a checkpoint.
+        building it anew on every checkpoint cost more than a round trip
+        (``python -m bench.ab REV_A REV_B slices``).
 
         With ``order_entries`` on PostgreSQL the entry-order lock is taken in the
         same statement (``RETURNING pg_advisory_xact_lock(…)``), saving a round
