@@ -1,4 +1,4 @@
-"""Two revisions side by side, alternating: ``python -m bench.ab REV_A REV_B slices|pages``.
+"""Two revisions side by side, alternating: ``python -m bench.ab REV_A REV_B slices|pages|log``.
 
 A change's effect on this machine is often smaller than the drift between two
 runs minutes apart, so both revisions are measured in turns within one run:
@@ -6,7 +6,9 @@ runs minutes apart, so both revisions are measured in turns within one run:
 - ``slices``: per-empty-slice overhead of a real run (``bench.slices``, null
   destination) on SQLite and PostgreSQL, one fresh process per sample;
 - ``pages``: a first page of 1000 entries from a 1,000,000-entry SQLite store
-  through each revision's API server, against the raw keyset query.
+  through each revision's API server, against the raw keyset query;
+- ``log``: one log call on the worker's hot path (``bench.ingest.log_call_cost``,
+  JSON stdout), one fresh process per sample.
 
 Each revision is checked out in a temporary git worktree and imported from
 there; the harness is this checkout's.
@@ -40,6 +42,15 @@ sys.path.append({root!r})
 from bench import slices
 print(slices.runner_per_slice_ms({url!r}, Path(tempfile.mkdtemp()), "null"))
 """
+_LOG = """
+import sys
+import worker
+assert worker.__file__.startswith({src!r}), worker.__file__
+sys.path.append({root!r})
+from bench import ingest
+costs = ingest.log_call_cost(100_000)
+print(next(v for k, v in costs.items() if "json stdout" in k))
+"""
 _SERVE = """
 import uvicorn, worker
 assert worker.__file__.startswith({src!r}), worker.__file__
@@ -55,6 +66,19 @@ def _checkout(rev: str, into: Path) -> str:
     return str(into)
 
 
+def _sample(src: str, code: str) -> float:
+    """The number the last line of ``code`` prints, run on ``src``'s code in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": src},
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[-1])
+
+
 def slices_ab(srcs: dict[str, str]) -> None:
     """Per-slice milliseconds of each revision, alternating, on both databases."""
     urls = {"SQLite": ingest.fresh_sqlite(Path(tempfile.mkdtemp()), "slices.db")}
@@ -66,18 +90,21 @@ def slices_ab(srcs: dict[str, str]) -> None:
         for rev, src in srcs.items():
             for label, url in urls.items():
                 code = _SLICE.format(src=src, root=str(ROOT), url=url)
-                out = subprocess.run(
-                    [sys.executable, "-c", code],
-                    env={**os.environ, "PYTHONPATH": src},
-                    cwd=src,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                times.setdefault((label, rev), []).append(float(out.stdout.split()[-1]))
+                times.setdefault((label, rev), []).append(_sample(src, code))
     for (label, rev), values in times.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
         print(f"{label:<12} {rev:<14} p50 {statistics.median(values):.2f} ms a slice  ({shown})")
+
+
+def log_ab(srcs: dict[str, str]) -> None:
+    """µs per log call of each revision, alternating."""
+    times: dict[str, list[float]] = {}
+    for _ in range(ROUNDS):
+        for rev, src in srcs.items():
+            times.setdefault(rev, []).append(_sample(src, _LOG.format(src=src, root=str(ROOT))))
+    for rev, values in times.items():
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        print(f"{rev:<14} p50 {statistics.median(values):.2f} µs a log call  ({shown})")
 
 
 def pages_ab(srcs: dict[str, str]) -> None:
@@ -128,8 +155,9 @@ def _up(client: httpx.Client) -> bool:
 
 def main() -> int:
     """Check out both revisions, measure in turns, remove the worktrees."""
-    if len(sys.argv) != 4 or sys.argv[3] not in {"slices", "pages"}:
-        print("usage: python -m bench.ab REV_A REV_B slices|pages", file=sys.stderr)
+    parts = {"slices": slices_ab, "pages": pages_ab, "log": log_ab}
+    if len(sys.argv) != 4 or sys.argv[3] not in parts:
+        print("usage: python -m bench.ab REV_A REV_B slices|pages|log", file=sys.stderr)
         return 2
     rev_a, rev_b, what = sys.argv[1:]
     tmp = Path(tempfile.mkdtemp(prefix="quarry-ab-"))
@@ -138,7 +166,7 @@ def main() -> int:
         for i, rev in enumerate((rev_a, rev_b)):
             srcs[rev] = _checkout(rev, tmp / f"rev{i}")
         began = time.monotonic()
-        (slices_ab if what == "slices" else pages_ab)(srcs)
+        parts[what](srcs)
         print(f"({ROUNDS} rounds, {time.monotonic() - began:.0f} s)")
     finally:
         for src in srcs.values():

@@ -93,8 +93,8 @@ _MARKERS = (
 _TRUSTED_KEYS = frozenset({"run_id", "worker_id", "attempt", "epoch", "event"})
 
 
-#: Any marker, as one search: the regex engine scans a short string for 31 literals in
-#: half the time a generator of ``in`` tests takes (a fifth of a log call went there).
+#: Any marker, as one search: cheaper than a generator of ``in`` tests over the literals
+#: (a log call 13.3 -> 11.5 µs, ``python -m bench.ab cb5c261 27f02f6 log``).
 _MARKER_SEARCH = re.compile("|".join(re.escape(marker) for marker in _MARKERS)).search
 
 
