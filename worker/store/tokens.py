@@ -39,14 +39,30 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def _token(row: Any) -> Token:
+def _when(value: datetime | str | None) -> datetime | None:
+    """A stored time, aware UTC (SQLite's driver hands back SQLAlchemy's DateTime text)."""
+    return aware(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+
+def _token(
+    token_id: str,
+    name: str,
+    scope: str,
+    created_at: datetime | str | None,
+    revoked_at: datetime | str | None,
+) -> Token:
+    """A token from its stored fields, as SQLAlchemy or the driver read them."""
     return Token(
-        id=row.id,
-        name=row.name,
-        scope=row.scope,
-        created_at=aware(row.created_at) or datetime.now(UTC),
-        revoked_at=aware(row.revoked_at),
+        id=token_id,
+        name=name,
+        scope=scope,
+        created_at=_when(created_at) or datetime.now(UTC),
+        revoked_at=_when(revoked_at),
     )
+
+
+def _token_of(row: Any) -> Token:
+    return _token(row.id, row.name, row.scope, row.created_at, row.revoked_at)
 
 
 _VERIFY_SQL = {
@@ -85,13 +101,13 @@ class TokenQueries:
             row = conn.execute(select(api_tokens).where(api_tokens.c.id == token_id)).first()
         if row is None:
             raise KeyError(token_id)
-        return _token(row)
+        return _token_of(row)
 
     def list_tokens(self) -> list[Token]:
         """Every token, newest first."""
         with self._reader.connect() as conn:
             rows = conn.execute(select(api_tokens).order_by(api_tokens.c.created_at.desc()))
-            return [_token(row) for row in rows]
+            return [_token_of(row) for row in rows]
 
     def revoke_token(self, token_id: str) -> bool:
         """Revoke a token at once; False when it was unknown or already revoked."""
@@ -119,12 +135,4 @@ class TokenQueries:
         # The lookup is by hash; compare once more in constant time all the same.
         if revoked_at is not None or not hmac.compare_digest(token_hash, digest):
             return None
-        if isinstance(created_at, str):  # SQLite: SQLAlchemy's DateTime text
-            created_at = datetime.fromisoformat(created_at)
-        return Token(
-            id=token_id,
-            name=name,
-            scope=scope,
-            created_at=aware(created_at) or datetime.now(UTC),
-            revoked_at=None,
-        )
+        return _token(token_id, name, scope, created_at, None)
