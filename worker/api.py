@@ -94,7 +94,7 @@ async def _authenticated(
     store = _store_of(request)
     if store.dialect == "sqlite":
         # One indexed read of a local file, on the event loop: the trip through the thread
-        # pool and back cost more than the read (bench/page_breakdown.py).
+        # pool and back cost more than the read.
         token = store.verify_token(credentials.credentials)
     else:  # a network round trip: off the loop
         token = await run_in_threadpool(store.verify_token, credentials.credentials)

@@ -86,19 +86,15 @@ log_entries = Table(
     Index("ix_log_entries_run_id_id", "run_id", "id"),
     Index("ix_log_entries_occurred_at", "occurred_at"),
     # Severity pages (migration 0005): the predicates are the store's page filters, verbatim.
-    Index(
-        "ix_log_entries_run_id_id_warning",
-        "run_id",
-        "id",
-        postgresql_where=text(LEVEL_FILTERS["warning"]),
-        sqlite_where=text(LEVEL_FILTERS["warning"]),
-    ),
-    Index(
-        "ix_log_entries_run_id_id_error",
-        "run_id",
-        "id",
-        postgresql_where=text(LEVEL_FILTERS["error"]),
-        sqlite_where=text(LEVEL_FILTERS["error"]),
+    *(
+        Index(
+            f"ix_log_entries_run_id_id_{level}",
+            "run_id",
+            "id",
+            postgresql_where=text(predicate),
+            sqlite_where=text(predicate),
+        )
+        for level, predicate in LEVEL_FILTERS.items()
     ),
     sqlite_autoincrement=True,
 )
