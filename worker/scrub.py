@@ -41,51 +41,120 @@ SECRET_KEY_PARTS = (
 #: Secrets shorter than this are not scrubbed by value: they would mangle ordinary text.
 MIN_SECRET_LENGTH = 4
 
-_SHAPES = re.compile(
-    "|".join(
-        [
-            r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*",
-            r"(?i:basic)\s+[A-Za-z0-9+/]{8,}={0,2}",
-            r"\bAKIA[0-9A-Z]{16}\b",
-            r"\bASIA[0-9A-Z]{16}\b",
-            r"\bgh[pousr]_[A-Za-z0-9]{20,}\b",
-            r"\bgithub_pat_[A-Za-z0-9_]{20,}\b",
-            r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",
-            r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{10,}\b",
-            r"\bqry_[A-Za-z0-9_\-]{20,}",
-            r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",
-            r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
-        ]
-    )
+#: Token shapes of the major clouds, SaaS APIs and auth schemes, matched anywhere in text.
+_SHAPE_PATTERNS = (
+    r"(?i:bearer|token|apikey|api-key|digest|basic|negotiate)\s+[A-Za-z0-9\-._~+/=]{8,}",
+    r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",
+    r"\bgh[pousr]_[A-Za-z0-9]{20,}\b",
+    r"\bgithub_pat_[A-Za-z0-9_]{20,}\b",
+    r"\bglpat-[A-Za-z0-9_\-]{20,}",
+    r"\bxox[abposre]-[A-Za-z0-9-]{10,}\b",
+    r"hooks\.slack\.com/services/[A-Za-z0-9/]{20,}",
+    r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{10,}\b",
+    r"\bsk-(?:proj-|ant-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",
+    r"\bAIza[0-9A-Za-z_\-]{35}",
+    r"\bya29\.[0-9A-Za-z_\-]{20,}",
+    r"\bhf_[A-Za-z0-9]{30,}",
+    r"\bnpm_[A-Za-z0-9]{36}\b",
+    r"\bpypi-[A-Za-z0-9_\-]{50,}",
+    r"\bSG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}",
+    r"\bdop_v1_[a-f0-9]{64}\b",
+    r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}\b",
+    r"\bATATT[A-Za-z0-9_\-=]{40,}",
+    r"\bqry_[A-Za-z0-9_\-]{20,}",
+    r"(?<=[?&;]sig=)[A-Za-z0-9%+/=]{10,}",
+    r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
 )
-# scheme://user:password@host — keep the user, drop the password.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<pw>[^\s@/]+)@")
+_SHAPES = re.compile("|".join(_SHAPE_PATTERNS))
+#: A bare 40-character AWS secret access key: base64 letters with upper case, lower case
+#: and a digit (a SHA-1 in hex has no upper case), standing alone.
+_BARE_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+# scheme://user:password@host — keep the user and the host, drop the password (which may
+# itself hold '/' or '@': it runs to the last '@' before the host).
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@\"'<>]*:)(?P<pw>[^\s\"'<>]+)@(?=[^\s@\"'<>/]+)"
+)
+#: Key names in text (any case, ``-``, ``_`` or nothing between words) whose value is secret.
+_TEXT_KEYS = (
+    r"passw(?:or)?d|pwd|secret|token|api[-_]?key|authorization|auth[-_]?header|credential"
+    r"|private[-_]?key|access[-_]?key|session[-_]?key|cookie|dsn|account[-_]?key"
+)
+# key=value, key: value, "key": "value", 'key': 'value' — the value quoted or bare.
 _KEY_VALUE = re.compile(
-    r"(?P<key>(?i:" + "|".join(SECRET_KEY_PARTS) + r")[A-Za-z0-9_\-]*)"
-    r"(?P<sep>\s*[=:]\s*[\"']?)(?P<value>[^\s\"'&,;}]+)"
+    r"(?P<key>(?i:" + _TEXT_KEYS + r")[A-Za-z0-9_\-]*)"
+    r"(?P<sep>[\"']?\s*[=:]\s*)"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s\"'&,;}]+)"
+)
+# Authorization-like headers: the quoted value, or the rest of the line, whatever the scheme.
+_HEADER = re.compile(
+    r"(?P<key>(?i:(?:proxy-)?authorization|x-api-key|x-auth-token|cookie|set-cookie))"
+    r"(?P<sep>[\"']?\s*:\s*)"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\r\n]+)"
+)
+# PASSWORD 'x', IDENTIFIED BY x, password x: a secret after a word, not a separator.
+_WORD_VALUE = re.compile(
+    r"(?P<key>\b(?i:passw(?:or)?d|pwd|identified\s+by))(?P<sep>\s+)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s\"',;)]+)"
 )
 
 
-#: Lower-case literals at least one of which every pattern above needs to match.
+#: Lower-case literals at least one of which every pattern above needs to match, and the
+#: bare AWS secret's shape (lower-cased): any of them means the text is scanned in full.
 _MARKERS = (
     "bearer",
     "basic",
+    "digest",
+    "negotiate",
     "akia",
     "asia",
+    "agpa",
+    "aida",
+    "aroa",
+    "anpa",
+    "anva",
+    "aipa",
     "ghp_",
     "gho_",
     "ghu_",
     "ghs_",
     "ghr_",
     "github_pat_",
+    "glpat-",
     "xox",
+    "hooks.slack",
     "k_live_",
     "k_test_",
+    "sk-",
+    "aiza",
+    "ya29.",
+    "hf_",
+    "npm_",
+    "pypi-",
+    "sg.",
+    "dop_v1_",
+    "shpat_",
+    "shpca_",
+    "shppa_",
+    "shpss_",
+    "atatt",
     "eyj",
     "qry_",
     "private key-----",
     "://",
-    *SECRET_KEY_PARTS,
+    "pwd",
+    "passw",
+    "secret",
+    "token",
+    "authorization",
+    "auth_header",
+    "auth-header",
+    "credential",
+    "key",
+    "cookie",
+    "dsn",
+    "sig=",
+    "identified",
 )
 
 
@@ -95,7 +164,9 @@ _TRUSTED_KEYS = frozenset({"run_id", "worker_id", "attempt", "epoch", "event"})
 
 #: Any marker, as one search: cheaper than a generator of ``in`` tests over the literals
 #: (a log call 13.3 -> 11.5 µs, ``python -m bench.ab cb5c261 27f02f6 log``).
-_MARKER_SEARCH = re.compile("|".join(re.escape(marker) for marker in _MARKERS)).search
+_MARKER_SEARCH = re.compile(
+    "|".join([*(re.escape(marker) for marker in _MARKERS), r"[a-z0-9/+]{40}"])
+).search
 
 
 @functools.lru_cache(maxsize=4096)
@@ -103,6 +174,26 @@ def is_secret_key(key: str) -> bool:
     """Whether a key (a data field, a header name) names a secret: ``X-Api-Key``, ``password``."""
     name = key.lower().replace("-", "_")
     return any(part in name for part in SECRET_KEY_PARTS)
+
+
+def _keep_key(match: re.Match[str]) -> str:
+    """The key and separator of a key-value match, its value redacted (quotes kept)."""
+    value = match.group("value")
+    if value == REDACTED or value.strip("\"'") == REDACTED:
+        return match.group(0)
+    quote = value[0] if value[:1] in {'"', "'"} else ""
+    return f"{match.group('key')}{match.group('sep')}{quote}{REDACTED}{quote}"
+
+
+def _aws_secret(match: re.Match[str]) -> str:
+    """A 40-character run redacted when it mixes upper case, lower case and digits."""
+    text = match.group(0)
+    mixed = (
+        any(c.isupper() for c in text)
+        and any(c.islower() for c in text)
+        and any(c.isdigit() for c in text)
+    )
+    return REDACTED if mixed else text
 
 
 class Scrubber:
@@ -137,10 +228,12 @@ class Scrubber:
         # markers costs a fraction of that and rules out most text.
         if not _MARKER_SEARCH(value.lower()):
             return value
-        value = _SHAPES.sub(REDACTED, value)
         value = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED + "@", value)
-        # Shapes first: "Authorization: Bearer x" must lose x, not just the word Bearer.
-        return _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED, value)
+        value = _HEADER.sub(_keep_key, value)
+        value = _SHAPES.sub(REDACTED, value)
+        value = _BARE_AWS_SECRET.sub(_aws_secret, value)
+        value = _WORD_VALUE.sub(_keep_key, value)
+        return _KEY_VALUE.sub(_keep_key, value)
 
     def data(self, value: Any) -> Any:
         """A copy of ``value`` with secret keys and secret text removed at any depth."""
