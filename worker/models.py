@@ -129,6 +129,27 @@ class Run:
     finished_at: datetime | None
     updated_at: datetime
 
+    def as_dict(self) -> dict[str, Any]:
+        """The run in the documented JSON shape (API, webhooks, ``--json``): no lease internals
+        beyond what operators need."""
+        return {
+            "id": self.id,
+            "pipeline": self.pipeline,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "params": self.params,
+            "gateway": self.gateway,
+            "lease_owner": self.lease_owner,
+            "lease_epoch": self.lease_epoch,
+            "checkpoint": self.checkpoint,
+            "telemetry_summary": self.telemetry_summary,
+            "error_summary": self.error_summary,
+            "cancel_requested": self.cancel_requested,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -136,3 +137,24 @@ def _db_epoch_sqlite(_element: Any, _compiler: Any, **_kw: Any) -> str:
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or used right now, as opposed to a bug.
+
+    SQLAlchemy's operational and interface errors and a pool that timed out, and
+    the same errors raised by the drivers themselves on the raw-cursor read path.
+    """
+    import sqlite3  # noqa: PLC0415 - the drivers are loaded by then; no import-time cost
+
+    import psycopg  # noqa: PLC0415
+
+    return isinstance(
+        exc,
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.TimeoutError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | sqlite3.OperationalError,
+    )

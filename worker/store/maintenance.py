@@ -25,29 +25,36 @@ class MaintenanceQueries:
     ) -> None:
         """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
         with self._transaction() as conn:
-            conn.execute(
-                insert(telemetry_samples).values(
-                    run_id=run_id, at=at or datetime.now(UTC), values=values
-                )
+            self._append_sample(conn, run_id, values, at=at, cap=cap)
+
+    @staticmethod
+    def _append_sample(
+        conn: Connection, run_id: str, values: dict[str, Any], *, at: datetime | None, cap: int
+    ) -> None:
+        """:meth:`append_sample` inside the caller's transaction."""
+        conn.execute(
+            insert(telemetry_samples).values(
+                run_id=run_id, at=at or datetime.now(UTC), values=values
             )
-            count = conn.execute(
-                select(func.count()).where(telemetry_samples.c.run_id == run_id)
-            ).scalar_one()
-            if count <= cap:
-                return
-            ranked = (
-                select(
-                    telemetry_samples.c.id,
-                    func.row_number()
-                    .over(order_by=(telemetry_samples.c.at, telemetry_samples.c.id))
-                    .label("rn"),
-                )
-                .where(telemetry_samples.c.run_id == run_id)
-                .subquery()
+        )
+        count = conn.execute(
+            select(func.count()).where(telemetry_samples.c.run_id == run_id)
+        ).scalar_one()
+        if count <= cap:
+            return
+        ranked = (
+            select(
+                telemetry_samples.c.id,
+                func.row_number()
+                .over(order_by=(telemetry_samples.c.at, telemetry_samples.c.id))
+                .label("rn"),
             )
-            # Drop the even-ranked points: the first and the newest (odd count) stay.
-            doomed = select(ranked.c.id).where(ranked.c.rn % 2 == 0, ranked.c.rn < count)
-            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
+            .where(telemetry_samples.c.run_id == run_id)
+            .subquery()
+        )
+        # Drop the even-ranked points: the first and the newest (odd count) stay.
+        doomed = select(ranked.c.id).where(ranked.c.rn % 2 == 0, ranked.c.rn < count)
+        conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
 
     def delete_older_than(self, cutoff: datetime, *, batch: int = 5000) -> dict[str, int]:
         """Delete entries and samples older than ``cutoff``, ``batch`` rows a transaction.
@@ -94,17 +101,21 @@ class MaintenanceQueries:
         self, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
     ) -> None:
         """Replace a run's whole telemetry series (a post-run backfill)."""
-        now = datetime.now(UTC)
         with self._transaction() as conn:
-            conn.execute(delete(telemetry_samples).where(telemetry_samples.c.run_id == run_id))
-            if samples:
-                conn.execute(
-                    insert(telemetry_samples),
-                    [
-                        {"run_id": run_id, "at": at or now, "values": values}
-                        for at, values in samples
-                    ],
-                )
+            self._replace_samples(conn, run_id, samples)
+
+    @staticmethod
+    def _replace_samples(
+        conn: Connection, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
+    ) -> None:
+        """:meth:`replace_samples` inside the caller's transaction."""
+        now = datetime.now(UTC)
+        conn.execute(delete(telemetry_samples).where(telemetry_samples.c.run_id == run_id))
+        if samples:
+            conn.execute(
+                insert(telemetry_samples),
+                [{"run_id": run_id, "at": at or now, "values": values} for at, values in samples],
+            )
 
     def samples(self, run_id: str) -> list[tuple[datetime, dict[str, Any]]]:
         """A run's telemetry series, oldest first."""

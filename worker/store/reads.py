@@ -23,7 +23,7 @@ import orjson
 from sqlalchemy import Connection, Engine, func, select
 
 from worker.errors import RunNotFound
-from worker.jsonfmt import loads
+from worker.jsonfmt import loads, safe_bytes
 from worker.models import Entry, Level
 from worker.store.engine import aware, driver_cursor, fetch_one, utcnow
 from worker.store.tables import LEVEL_FILTERS, log_entries
@@ -61,8 +61,11 @@ ENTRY_JSON_OPTIONS = (
 
 
 def entries_json(value: Any) -> bytes:
-    """JSON of a value holding :meth:`Store.entry_dicts` (a page, one entry), as bytes."""
-    return orjson.dumps(value, default=str, option=ENTRY_JSON_OPTIONS)
+    """JSON of a value holding :meth:`Store.entry_dicts` (a page, one entry), as bytes.
+
+    An entry whose stored data cannot be encoded keeps its place, its data replaced.
+    """
+    return safe_bytes(value, option=ENTRY_JSON_OPTIONS)
 
 
 _fromisoformat = datetime.fromisoformat

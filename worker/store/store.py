@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import ClauseElement
 
-from worker.errors import IllegalTransition, LeaseLost, RunNotFound
+from worker.errors import IllegalTransition, LeaseLost, RunNotFound, first_line
 from worker.jsonfmt import dumps, loads
 from worker.models import (
     TERMINAL,
@@ -48,8 +48,10 @@ from worker.models import (
     Status,
     can_transition,
 )
+from worker.scrub import scrubber
 from worker.store import migrate
 from worker.store.engine import aware, db_epoch, make_engine, utcnow
+from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.reads import EntryReads
 from worker.store.tables import log_entries, runs
@@ -169,6 +171,11 @@ def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> Ne
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, scrubbed."""
+    return f"{type(exc).__name__}: {scrubber.text(first_line(exc))}"
+
+
 def new_run_id() -> str:
     """A fresh, unguessable run id."""
     return f"run_{secrets.token_hex(8)}"
@@ -198,7 +205,7 @@ def _run_from_row(row: Any) -> Run:
     )
 
 
-class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
+class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries, ExternalWrites):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
     def __init__(self, url: str, *, max_entries_per_run: int | None = None) -> None:
@@ -230,18 +237,18 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         if touched and self.on_entries is not None:
             try:
                 self.on_entries(touched)
-            except Exception:
-                logging.getLogger("quarry.store").warning(
-                    "entry notification failed", exc_info=True
-                )
+            except Exception as exc:
+                # One line: a Redis outage must not print a traceback per commit.
+                _log.warning("entry notification failed: %s", _one_line(exc))
 
     def _ended(self, run_id: str) -> None:
         if self.on_ended is None:
             return
         try:
             self.on_ended(run_id)
-        except Exception:
-            _log.warning("run-ended hook failed for %s", run_id, exc_info=True)
+        except Exception as exc:
+            # One line: an unreachable broker must not bury the caller's own error.
+            _log.warning("run-ended hook failed for %s: %s", run_id, _one_line(exc))
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -312,7 +319,11 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
         before: str | None = None,
         limit: int = 50,
     ) -> list[Run]:
-        """Runs, newest first, optionally filtered; ``before`` is the last run id of a page."""
+        """Runs, newest first, optionally filtered; ``before`` is the last run id of a page.
+
+        A ``before`` run outside the filters' ``gateway`` raises :class:`RunNotFound` as an
+        unknown id does, so a cursor cannot tell whether another gateway's run exists.
+        """
         query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(runs.c.status == status.value)
@@ -322,15 +333,47 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries):
             query = query.where(runs.c.gateway == gateway)
         with self._reader.connect() as conn:
             if before is not None:
-                mark = conn.execute(
-                    select(runs.c.created_at, runs.c.id).where(runs.c.id == before)
-                ).first()
+                marks = select(runs.c.created_at, runs.c.id).where(runs.c.id == before)
+                if gateway is not None:
+                    marks = marks.where(runs.c.gateway == gateway)
+                mark = conn.execute(marks).first()
                 if mark is None:
                     raise RunNotFound(before)
                 query = query.where(
                     or_(
                         runs.c.created_at < mark.created_at,
                         and_(runs.c.created_at == mark.created_at, runs.c.id < mark.id),
+                    )
+                )
+            return [_run_from_row(row) for row in conn.execute(query)]
+
+    def gateway_queue(
+        self, gateway: str, *, after: str | None = None, limit: int = 50
+    ) -> list[Run]:
+        """A gateway's queued runs, oldest first (its claim order); ``after``: a page's last id.
+
+        Filtered in the query, on an index, so other gateways' backlogs cost nothing.
+        An ``after`` that is not one of this gateway's runs raises :class:`RunNotFound`.
+        """
+        query = (
+            select(runs)
+            .where(runs.c.gateway == gateway, runs.c.status == Status.QUEUED.value)
+            .order_by(runs.c.created_at, runs.c.id)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            if after is not None:
+                mark = conn.execute(
+                    select(runs.c.created_at, runs.c.id).where(
+                        runs.c.id == after, runs.c.gateway == gateway
+                    )
+                ).first()
+                if mark is None:
+                    raise RunNotFound(after)
+                query = query.where(
+                    or_(
+                        runs.c.created_at > mark.created_at,
+                        and_(runs.c.created_at == mark.created_at, runs.c.id > mark.id),
                     )
                 )
             return [_run_from_row(row) for row in conn.execute(query)]

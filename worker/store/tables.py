@@ -69,6 +69,8 @@ runs = Table(
     Column("updated_at", Timestamp, nullable=False),
     Index("ix_runs_status_queued_at", "status", "queued_at"),
     Index("ix_runs_pipeline_created_at", "pipeline", "created_at"),
+    # A gateway's queue in claim order (migration 0006).
+    Index("ix_runs_gateway_status_created_at", "gateway", "status", "created_at", "id"),
 )
 
 log_entries = Table(
@@ -85,6 +87,9 @@ log_entries = Table(
     Column("occurred_at", Timestamp, nullable=False),
     Index("ix_log_entries_run_id_id", "run_id", "id"),
     Index("ix_log_entries_occurred_at", "occurred_at"),
+    # The flat view's filters, in page order (migration 0006).
+    Index("ix_log_entries_event_id", "event", "id"),
+    Index("ix_log_entries_worker_id_id", "worker_id", "id"),
     # Severity pages (migration 0005): the predicates are the store's page filters, verbatim.
     *(
         Index(
