@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.errors import IllegalTransition, QuarryError
+from worker.limits import check_json
 from worker.models import Event, Level, NewEntry, Run, Status
 from worker.pipelines import get_pipeline
 from worker.scrub import scrubber
@@ -29,10 +30,13 @@ def trigger(
     """Create a queued run and publish its wake-up; a failed publish cancels the run.
 
     The pipeline is validated first, so a broken file fails here, not in a worker.
+    ``params`` are bounded (:func:`worker.limits.check_json`) and scrubbed before
+    they are stored: a password passed as a parameter is never kept or shown.
     A run targeted at a gateway is not published: that gateway polls for it.
     """
+    check_json(params, "params")
     get_pipeline(settings.pipelines_file, pipeline)
-    run = store.create_run(pipeline, params, gateway=gateway)
+    run = store.create_run(pipeline, scrubber.data(params), gateway=gateway)
     if gateway is not None:
         return run
     try:

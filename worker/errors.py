@@ -21,6 +21,14 @@ class UnknownPipeline(ConfigError):
     """A run names a pipeline the pipelines file does not declare."""
 
 
+class InvalidInput(QuarryError):
+    """A value from a client (API body, CLI option) is out of bounds; the message names it."""
+
+
+class StoreUnavailable(QuarryError):
+    """The run-log store cannot be reached (a restart, a failover, a network fault)."""
+
+
 class RunNotFound(QuarryError):
     """No run has the given id."""
 

@@ -11,21 +11,35 @@ summary, finish time, a replaced log).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.errors import IllegalTransition, LeaseLost, QuarryError
+from worker.limits import MAX_INT32, BoundedJson, check_json, client_time
 from worker.models import Event, Lease, Level, NewEntry, Run, Status
 from worker.runlog import truncate
 from worker.scrub import scrubber
 from worker.settings import Settings
 from worker.store import Store
+from worker.store.external import ExternalChange
+from worker.telemetry import check_summary
 
 #: The event of a free-form line appended by an external runner.
 LOG_EVENT = "log"
 #: Most entries one ``logEntries`` replacement may carry.
 MAX_REPLACED_ENTRIES = 10_000
+#: Event names only the runtime writes: a runner reporting ``run_completed`` would end
+#: every live stream of a run that goes on.
+RESERVED_EVENTS = frozenset(event.value for event in Event)
 
 
 def _alias(camel: str, snake: str) -> Any:
@@ -37,24 +51,32 @@ class LogLine(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    level: str = "info"
+    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
     message: str = Field(max_length=1024 * 1024)
     at: datetime | None = None
-    event: str = Field(default=LOG_EVENT, max_length=64)
-    data: dict[str, Any] = Field(default_factory=dict)
+    event: str = Field(default=LOG_EVENT, min_length=1, max_length=64)
+    data: BoundedJson = Field(default_factory=dict)
 
-    @field_validator("level")
+    @field_validator("event")
     @classmethod
-    def _level(cls, value: str) -> str:
-        return Level.parse(value).value
+    def _event(cls, value: str) -> str:
+        if value in RESERVED_EVENTS:
+            msg = f"{value!r} is a lifecycle event only Quarry's runtime writes"
+            raise ValueError(msg)
+        return value
 
 
 class Sample(BaseModel):
-    """A telemetry point: ``at`` (optional) and any numeric values."""
+    """A telemetry point: ``at`` (optional) and any JSON values."""
 
     model_config = ConfigDict(extra="allow")
 
     at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Sample:
+        check_json(self.model_extra or {}, "sample")
+        return self
 
     def values(self) -> dict[str, Any]:
         """The point's values."""
@@ -66,15 +88,21 @@ class RunPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    status: Status | None = None
-    lease_epoch: int | None = _alias("leaseEpoch", "lease_epoch")
+    #: Claim (``running``) or end the runner's tenure; ``queued`` is the runtime's alone.
+    status: Literal["running", "succeeded", "failed", "cancelled", "interrupted"] | None = None
+    lease_epoch: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices("leaseEpoch", "lease_epoch"),
+        ge=0,
+        le=MAX_INT32,
+    )
     append_log: LogLine | None = _alias("appendLog", "append_log")
     log_entries: list[LogLine] | None = Field(
         default=None,
         validation_alias=AliasChoices("logEntries", "log_entries"),
         max_length=MAX_REPLACED_ENTRIES,
     )
-    telemetry_summary: dict[str, Any] | None = _alias("telemetrySummary", "telemetry_summary")
+    telemetry_summary: BoundedJson | None = _alias("telemetrySummary", "telemetry_summary")
     append_telemetry_sample: Sample | None = _alias(
         "appendTelemetrySample", "append_telemetry_sample"
     )
@@ -90,18 +118,29 @@ class RunPatch(BaseModel):
     )
     finished_at: datetime | None = _alias("finishedAt", "finished_at")
 
+    @property
+    def target(self) -> Status | None:
+        """The status this PATCH sets, if any."""
+        return Status(self.status) if self.status is not None else None
+
+    @field_validator("telemetry_summary")
+    @classmethod
+    def _summary(cls, value: dict[str, Any] | None, _info: ValidationInfo) -> Any:
+        return None if value is None else check_summary(value)
+
 
 class PatchRefused(QuarryError):
     """The PATCH cannot apply to the run as it is (409)."""
 
 
-def _entry(run: Run, line: LogLine, owner: str, settings: Settings) -> NewEntry:
+def _entry(run: Run, line: LogLine, owner: str, settings: Settings, field: str) -> NewEntry:
+    at = client_time(line.at, f"{field}.at", not_before=run.created_at) if line.at else None
     return NewEntry(
         run_id=run.id,
-        level=Level(line.level),
+        level=Level.parse(line.level),
         event=line.event,
         message=truncate(scrubber.text(line.message), settings.max_message_bytes),
-        occurred_at=line.at or datetime.now(UTC),
+        occurred_at=at or datetime.now(UTC),
         data=scrubber.data(line.data),
         worker_id=owner,
         attempt=run.attempt,
@@ -111,84 +150,101 @@ def _entry(run: Run, line: LogLine, owner: str, settings: Settings) -> NewEntry:
 def apply_patch(
     store: Store, settings: Settings, run: Run, patch: RunPatch, owner: str
 ) -> dict[str, Any]:
-    """Apply ``patch`` to ``run`` as ``owner``; returns extra response fields (the lease)."""
-    run, lease = _lease_for(store, settings, run, patch, owner)
-    extra: dict[str, Any] = (
-        {"leaseEpoch": lease.epoch} if patch.status is Status.RUNNING and lease else {}
-    )
-    summary = None
-    if patch.telemetry_summary is not None:
-        summary = {**run.telemetry_summary, **scrubber.data(patch.telemetry_summary)}
-    entries = [_entry(run, patch.append_log, owner, settings)] if patch.append_log else []
-    error = scrubber.text(patch.error_summary) if patch.error_summary is not None else None
-    _replace_series(store, settings, run, patch, owner=owner, lease=lease)
+    """Apply ``patch`` to ``run`` as ``owner``, all of it or nothing; returns extra fields.
 
-    if lease is not None:
-        target = patch.status if patch.status not in {None, Status.RUNNING} else None
-        if target is not None:
-            ended = [*entries, _ended(run, target, owner)]
-            store.finish(lease, target, ended, error_summary=error, summary=summary)
-            if patch.finished_at is not None:
-                store.amend_ended(run.id, finished_at=patch.finished_at)
-        elif entries or summary is not None:
-            store.commit(lease, entries, summary=summary)
-        return extra
-    # An ended run: backfills only.
-    if patch.status is not None and patch.status is not run.status:
-        msg = f"{run.status.value} -> {patch.status.value}"
-        raise IllegalTransition(msg)
-    if entries:
-        msg = f"run {run.id} has ended ({run.status.value}): replace its log with logEntries"
+    Only runs targeted at a gateway take PATCHes: a run without one belongs to
+    Quarry's workers, and a report about it could only contradict them.
+    """
+    if run.gateway is None:
+        msg = (
+            f"run {run.id} is executed by Quarry's workers: only runs targeted at a gateway "
+            "take PATCH reports"
+        )
         raise PatchRefused(msg)
-    store.amend_ended(run.id, error_summary=error, finished_at=patch.finished_at, summary=summary)
-    return extra
-
-
-def _lease_for(
-    store: Store, settings: Settings, run: Run, patch: RunPatch, owner: str
-) -> tuple[Run, Lease | None]:
-    """Claim a queued run, or check and renew the caller's lease on a running one."""
-    if patch.status is Status.RUNNING:
-        if run.status is not Status.QUEUED:
-            msg = f"cannot claim run {run.id}: it is {run.status.value}, not queued"
-            raise IllegalTransition(msg)
-        lease = store.acquire(run.id, owner, settings.lease_ttl_seconds, _claimed(run, owner))
-        if lease is None:
-            msg = f"run {run.id} was claimed by someone else"
+    if patch.target is Status.RUNNING:
+        if patch.model_fields_set - {"status"}:
+            # A claim is its own transaction: what comes with it could not be all-or-nothing.
+            msg = 'status "running" claims the run: send the rest in the PATCHes after it'
             raise PatchRefused(msg)
-        return store.get_run(run.id), lease
+        return {"leaseEpoch": _claim(store, settings, run, owner).epoch}
+    lease = _lease_for(run, patch)
+    change = ExternalChange(
+        status=patch.target if lease is not None else None,
+        error_summary=(
+            scrubber.text(patch.error_summary) if patch.error_summary is not None else None
+        ),
+    )
+    if patch.finished_at is not None:
+        start = run.started_at or run.created_at
+        change.finished_at = client_time(patch.finished_at, "finishedAt", not_before=start)
+    if patch.telemetry_summary is not None:
+        change.summary = {**run.telemetry_summary, **scrubber.data(patch.telemetry_summary)}
+    if patch.append_log is not None:
+        if lease is None:
+            msg = f"run {run.id} has ended ({run.status.value}): replace its log with logEntries"
+            raise PatchRefused(msg)
+        change.entries.append(_entry(run, patch.append_log, owner, settings, "appendLog"))
+    if patch.log_entries is not None:
+        change.log = [
+            _entry(run, line, owner, settings, f"logEntries[{i}]")
+            for i, line in enumerate(patch.log_entries)
+        ]
+    if patch.telemetry_samples is not None:
+        change.samples = [
+            (_sample_time(run, s, f"telemetrySamples[{i}]"), scrubber.data(s.values()))
+            for i, s in enumerate(patch.telemetry_samples)
+        ]
+    if patch.append_telemetry_sample is not None:
+        point = patch.append_telemetry_sample
+        at = _sample_time(run, point, "appendTelemetrySample")
+        change.sample = (at, scrubber.data(point.values()))
+    if change.status is not None:
+        change.entries.append(_ended(run, change.status, owner))
+    store.write_external(
+        run.id,
+        lease,
+        change,
+        ttl_seconds=settings.lease_ttl_seconds,
+        sample_cap=settings.telemetry_max_samples,
+    )
+    return {}
+
+
+def _sample_time(run: Run, sample: Sample, field: str) -> datetime | None:
+    if sample.at is None:
+        return None
+    return client_time(sample.at, f"{field}.at", not_before=run.created_at)
+
+
+def _claim(store: Store, settings: Settings, run: Run, owner: str) -> Lease:
+    """Take the lease on a queued run."""
+    if run.status is not Status.QUEUED:
+        msg = f"cannot claim run {run.id}: it is {run.status.value}, not queued"
+        raise IllegalTransition(msg)
+    lease = store.acquire(run.id, owner, settings.lease_ttl_seconds, _claimed(run, owner))
+    if lease is None:
+        msg = f"run {run.id} was claimed by someone else"
+        raise PatchRefused(msg)
+    return lease
+
+
+def _lease_for(run: Run, patch: RunPatch) -> Lease | None:
+    """The caller's lease on a running run (checked when written), or None for an ended run."""
     if run.status is Status.RUNNING:
         if patch.lease_epoch is None:
             msg = "leaseEpoch: required to write to a running run (the epoch the claim returned)"
             raise PatchRefused(msg)
-        lease = Lease(run.id, owner, patch.lease_epoch, run.attempt, 0.0)
-        store.renew(lease, settings.lease_ttl_seconds)  # LeaseLost if it is not theirs
-        return run, lease
+        return Lease(run.id, run.lease_owner or "", patch.lease_epoch, run.attempt, 0.0)
     if patch.lease_epoch is not None:
         # The caller still thinks it holds the run: it was recovered or finished meanwhile.
         raise LeaseLost(f"{run.id} epoch {patch.lease_epoch}")
     if run.status is Status.QUEUED:
         msg = f'run {run.id} is queued: claim it first with status "running"'
         raise PatchRefused(msg)
-    return run, None
-
-
-def _replace_series(
-    store: Store, settings: Settings, run: Run, patch: RunPatch, *, owner: str, lease: Lease | None
-) -> None:
-    """Whole-log and whole-series replacements, and one appended sample."""
-    if patch.log_entries is not None:
-        replaced = [_entry(run, line, owner, settings) for line in patch.log_entries]
-        store.replace_entries(run.id, replaced, lease)
-    if patch.telemetry_samples is not None:
-        store.replace_samples(
-            run.id, [(s.at, scrubber.data(s.values())) for s in patch.telemetry_samples]
-        )
-    if patch.append_telemetry_sample is not None:
-        point = patch.append_telemetry_sample
-        store.append_sample(
-            run.id, scrubber.data(point.values()), at=point.at, cap=settings.telemetry_max_samples
-        )
+    if patch.target is not None and patch.target is not run.status:
+        msg = f"{run.status.value} -> {patch.target.value}"
+        raise IllegalTransition(msg)
+    return None
 
 
 def _claimed(run: Run, owner: str) -> Any:
