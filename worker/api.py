@@ -8,55 +8,126 @@ reads only runs targeted at gateway NAME (any other run is a 404).
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker import console, control, stream
+from worker import control, jsonfmt, stream
 from worker.errors import (
     ConfigError,
     IllegalTransition,
+    InvalidInput,
     LeaseLost,
     QuarryError,
     RunNotFound,
+    StoreUnavailable,
     UnknownPipeline,
+    first_line,
 )
 from worker.external import PatchRefused, RunPatch, apply_patch
-from worker.models import Level, Run, Status
+from worker.limits import JSON_VALUE_SCHEMA, BoundedJson
+from worker.models import Event, Level, Run, Status
 from worker.notify import Wakeups
+from worker.readiness import broker_problem, redis_problem
 from worker.runtime import open_store
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
+from worker.store.engine import is_unavailable
 from worker.store.reads import JsonPage
 from worker.store.tokens import Token
 from worker.tasks import publish_run
 
 #: Most entries one page of logs returns.
 MAX_PAGE = 1000
-#: Largest request body accepted.
+#: Largest request body accepted, read or declared.
 MAX_BODY_BYTES = 1024 * 1024
 #: Keep-alive comment interval on streams, seconds.
 STREAM_PING_SECONDS = 15
+#: What a client is told to wait before retrying while the store is unreachable.
+RETRY_AFTER_SECONDS = 5
+#: Entry ids and stream event ids: ASCII digits, as this API writes them.
+ENTRY_CURSOR = r"^[0-9]{1,18}$"
+#: A run id as a runs-page cursor.
+RUN_CURSOR = r"^[A-Za-z0-9_\-]{1,64}$"
+#: Free text in a query: no store can hold NUL, so the schema refuses it as the guard does.
+NO_NUL = r"^[^\x00]*$"
+#: Earliest and latest Unix milliseconds a ``from``/``to`` filter takes (years 1 to 9999).
+MIN_UNIX_MS = -62_135_596_800_000
+MAX_UNIX_MS = 253_402_300_799_999
+
+#: A runs-page cursor names a run; one this token cannot see answers as an unknown one does.
+_NO_CURSOR_RUN = "cursor: no such run in this view (a cursor is the last run id of a page)"
 
 _bearer = HTTPBearer(auto_error=False)
+_log = logging.getLogger("quarry.api")
 
 
-def _error(status: int, message: str) -> JSONResponse:
+class ErrorDetail(BaseModel):
+    """The error of a refused request."""
+
+    status: int
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error this API answers: ``{"error": {"status": 404, "message": "…"}}``."""
+
+    error: ErrorDetail
+
+
+def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route can answer (all JSON ErrorBody)."""
+    reasons = {
+        400: "A parameter is malformed, unknown, or a token was put in the URL.",
+        401: "No bearer token, or a token that is unknown or revoked.",
+        403: "The token's scope does not allow this.",
+        404: "No such run (or not one this token may see).",
+        409: "The run's state or lease does not allow this change.",
+        413: "The request body is over 1 MiB.",
+        422: "The body or a parameter fails validation; the message names the field.",
+        503: "The store (or the broker, for a trigger) is unreachable; retry after Retry-After.",
+    }
+    return {
+        code: {"model": ErrorBody, "description": reasons[code]}
+        for code in sorted({400, 413, 422, 503, *codes})
+    }
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
-        {"error": {"status": status, "message": scrubber.text(message)}}, status_code=status
+        {"error": {"status": status, "message": scrubber.text(message)}},
+        status_code=status,
+        headers=headers,
     )
+
+
+def _unavailable() -> JSONResponse:
+    return _error(
+        503,
+        "the store is unreachable; retry shortly",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def _json(value: Any, status_code: int = 200) -> Response:
+    """A JSON response that survives a stored value no encoder can write (see jsonfmt)."""
+    return Response(jsonfmt.safe_bytes(value), status_code, media_type="application/json")
 
 
 def _page_response(page: JsonPage, *, null_cursor: bool) -> Response:
@@ -87,8 +158,6 @@ async def _authenticated(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Token:
-    if request.query_params.get("token") or request.query_params.get("access_token"):
-        raise HTTPException(400, "tokens in URLs are refused: use the Authorization header")
     if credentials is None:
         raise HTTPException(401, "missing bearer token")
     store = _store_of(request)
@@ -127,39 +196,136 @@ def _reporter(token: TokenDep) -> Token:
 ReporterDep = Annotated[Token, Depends(_reporter)]
 
 
-def parse_time(field: str, value: str | None) -> datetime | None:
-    """``from`` / ``to`` as Unix milliseconds or ISO 8601, in UTC."""
-    if value is None or value == "":
+def _as_utc(value: int | datetime | None) -> datetime | None:
+    """A ``from``/``to`` bound in UTC; one past the datetime range is clamped to its edge."""
+    if value is None:
         return None
+    if isinstance(value, int):
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
     try:
-        if value.lstrip("-").isdigit():
-            return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except (ValueError, OverflowError, OSError):
-        msg = f"{field}: expected Unix milliseconds or ISO 8601, got {value!r}"
-        raise HTTPException(400, msg) from None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+    except OverflowError:
+        edge = datetime.max if value.year > 1 else datetime.min
+        return edge.replace(tzinfo=UTC)
 
 
-def parse_cursor(value: str | None) -> int:
-    """A cursor this API returned (the last entry id), or 0 for the start."""
-    if not value:
-        return 0
-    if not value.isdigit() or len(value) > 18:
-        raise HTTPException(400, f"cursor: not a cursor this API returned: {value!r}")
-    return int(value)
+def _time_bound(value: Any) -> Any:
+    """Unix milliseconds (ASCII digits) stay an int; anything else must be ISO 8601."""
+    if isinstance(value, str) and value.lstrip("-").isascii() and value.lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            msg = "expected Unix milliseconds or an ISO 8601 date-time"
+            raise ValueError(msg) from None
+    return value
 
 
-def parse_level(value: str | None) -> Level | None:
-    """``level``: error; warning (= warnings and errors); info; debug."""
-    try:
-        return Level.parse(value) if value else None
-    except ValueError:
-        raise HTTPException(400, f"level: expected info, warning or error, got {value!r}") from None
+#: ``from`` / ``to``: Unix milliseconds or an ISO 8601 date-time (UTC when it has no offset).
+TimeBound = Annotated[
+    Annotated[int, Field(ge=MIN_UNIX_MS, le=MAX_UNIX_MS)] | datetime | None,
+    BeforeValidator(_time_bound),
+]
+
+
+def _event_name(value: str | None) -> str | None:
+    """An event filter; the seed's upper-case spelling of one of ours (RUN_COMPLETED) is ours."""
+    if value is not None and value.lower() in _EVENT_NAMES:
+        return value.lower()
+    return value
+
+
+_EVENT_NAMES = frozenset(event.value for event in Event)
+EventName = Annotated[
+    str | None, Field(max_length=64, pattern=NO_NUL), BeforeValidator(_event_name)
+]
+
+
+#: A minimum level as the API takes it; ``warn`` is read as ``warning``.
+LevelName = Literal["debug", "info", "warn", "warning", "error"]
+
+
+def _alias(*names: str) -> Any:
+    return AliasChoices(*names)
+
+
+class _Query(BaseModel):
+    """Query parameters: unknown names are refused (400), so a misspelled filter never
+    silently returns everything."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RunsQuery(_Query):
+    """``GET /api/v1/action-runs``."""
+
+    status: Status | None = None
+    pipeline: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+    gateway: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+    cursor: str | None = Field(default=None, pattern=RUN_CURSOR)
+    limit: int = Field(default=50, ge=1, le=MAX_PAGE)
+
+
+class AgentQuery(_Query):
+    """``GET /api/v1/agent/runs``."""
+
+    cursor: str | None = Field(default=None, pattern=RUN_CURSOR)
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+
+
+class RunLogQuery(_Query):
+    """``GET /api/v1/action-runs/{id}/logs``; ``count``, ``fromDate`` and ``toDate`` are the
+    flat view's spellings, accepted here too."""
+
+    level: LevelName | None = Field(
+        default=None, description="This level and above: warning (or warn) = warnings and errors"
+    )
+    event: EventName = None
+    from_: TimeBound = Field(default=None, validation_alias=_alias("from", "fromDate"))
+    to: TimeBound = Field(default=None, validation_alias=_alias("to", "toDate"))
+    cursor: str | None = Field(default=None, pattern=ENTRY_CURSOR)
+    limit: int = Field(
+        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=_alias("limit", "count")
+    )
+
+
+class FlatLogQuery(_Query):
+    """``GET /api/v1/logs``, with the seed's spellings as aliases (``workflowRunId``,
+    ``state``, ``fromDate``, ``toDate``) and ``limit`` for ``count``."""
+
+    run_id: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=NO_NUL,
+        validation_alias=_alias("run_id", "runId", "workflowRunId"),
+    )
+    pipeline: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
+    event: EventName = Field(default=None, validation_alias=_alias("event", "state"))
+    worker_id: str | None = Field(
+        default=None,
+        max_length=200,
+        pattern=NO_NUL,
+        validation_alias=_alias("worker_id", "workerId"),
+    )
+    from_: TimeBound = Field(default=None, validation_alias=_alias("from", "fromDate"))
+    to: TimeBound = Field(default=None, validation_alias=_alias("to", "toDate"))
+    count: int = Field(
+        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=_alias("count", "limit")
+    )
+    cursor: str | None = Field(default=None, pattern=ENTRY_CURSOR)
+
+
+def entry_cursor(value: str | None) -> int:
+    """An entry cursor this API returned (validated ASCII digits), or 0 for the start."""
+    return int(value) if value else 0
 
 
 class _Guard:
-    """Refuse request bodies over MAX_BODY_BYTES (413), then NUL in the path or query (400).
+    """Bounds every request before any other work: body size while it is read (413), NUL in
+    the path or query (400); and answers any error that escapes a route as JSON.
 
     Plain ASGI rather than ``@app.middleware("http")``: that wrapper passes every
     response message through a memory stream and extra tasks, a cost paid by
@@ -173,14 +339,20 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = _error(
+            413, f"request body over {MAX_BODY_BYTES} bytes", {"Connection": "close"}
+        )
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            await _error(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+            await too_large(scope, receive, send)
             return
-        if length is None and scope["method"] in {"POST", "PATCH", "PUT"}:
-            body = await _read_body(receive)
-            if len(body) > MAX_BODY_BYTES:
-                await _error(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+        if length is None and (
+            scope["method"] in {"POST", "PATCH", "PUT", "DELETE"}
+            or any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        ):
+            body = await _read_body(receive, MAX_BODY_BYTES)
+            if body is None:
+                await too_large(scope, receive, send)
                 return
             receive = _replay(body, receive)
         # No store can hold NUL in text; a NUL in a filter or an id can match nothing.
@@ -189,17 +361,44 @@ class _Guard:
             message = "NUL characters are not allowed in paths or query parameters"
             await _error(400, message)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            unavailable = is_unavailable(exc) or isinstance(exc, StoreUnavailable)
+            _log.error(
+                "%s %s failed: %s: %s",
+                scope["method"],
+                scope["path"],
+                type(exc).__name__,
+                scrubber.text(first_line(exc)),
+                exc_info=not unavailable,
+            )
+            if started:
+                return
+            response = _unavailable() if unavailable else _error(500, "internal error")
+            await response(scope, receive, send)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body (a client that goes away leaves what was read)."""
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes ``limit`` bytes (the rest unread)."""
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             break
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
@@ -223,9 +422,16 @@ class TriggerBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipeline: str = Field(min_length=1, max_length=200)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: BoundedJson = Field(default_factory=dict)
     #: Target the run at an external gateway instead of the Celery workers.
     gateway: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class NoQuery(_Query):
+    """A route that takes no query parameters refuses any (400)."""
+
+
+NoQueryDep = Annotated[NoQuery, Query()]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - routes read best together
@@ -255,21 +461,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
 
     app.add_middleware(_Guard)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the JsonValue component that bounded JSON fields name."""
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, summary=app.summary
+            )
+            document.setdefault("components", {}).setdefault("schemas", {})["JsonValue"] = (
+                JSON_VALUE_SCHEMA
+            )
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = _error(exc.status_code, str(exc.detail))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error(exc.status_code, str(exc.detail), exc.headers)
         if exc.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        if exc.status_code == 405:
+            # Starlette names only the methods of the route it tried; list every route's.
+            response.headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
         return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        unknown = sorted(
+            str(e["loc"][-1])
+            for e in errors
+            if e["type"] == "extra_forbidden" and e["loc"][0] == "query"
+        )
+        if {"token", "access_token"} & set(unknown):
+            return _error(400, "tokens in URLs are refused: use the Authorization header")
+        if unknown:
+            return _error(400, f"unknown query parameter(s): {', '.join(unknown)}")
         where = {"query", "path", "body", "header"}
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p not in where) or 'body'}: {e['msg']}"
-            for e in exc.errors()
+            for e in errors
         )
-        return _error(422, problems)
+        # A malformed parameter is a bad request (400); a body that fails validation, 422.
+        in_body = any(e["loc"][:1] == ("body",) for e in errors)
+        return _error(422 if in_body else 400, problems)
+
+    @app.exception_handler(InvalidInput)
+    async def _out_of_bounds(_request: Request, exc: InvalidInput) -> JSONResponse:
+        return _error(422, str(exc))
 
     def visible_run(db: Store, token: Token, run_id: str) -> Run:
         try:
@@ -280,14 +519,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             raise HTTPException(404, f"no run {run_id}")
         return run
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    @app.get("/healthz", responses=_documented())
+    async def healthz(_q: NoQueryDep) -> dict[str, str]:
         """The process is up (answered on the event loop: a full thread pool does not fail it)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    def readyz(db: StoreDep) -> JSONResponse:
-        """The store answers and its schema is current."""
+    @app.get("/readyz", responses=_documented())
+    def readyz(db: StoreDep, _q: NoQueryDep) -> JSONResponse:
+        """The store answers and its schema is current; the broker and Redis accept connections."""
         try:
             db.ping()
             current = db.schema_is_current()
@@ -295,39 +534,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             return _error(503, f"store unavailable: {type(exc).__name__}")
         if not current:
             return _error(503, "store schema is not current: run `quarry db upgrade`")
+        problem = broker_problem(settings) or redis_problem(settings)
+        if problem is not None:
+            return _error(503, problem)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/api/v1/action-runs")
-    def list_runs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
-        db: StoreDep,
-        token: TokenDep,
-        status: Status | None = None,
-        pipeline: Annotated[str | None, Query(max_length=200)] = None,
-        gateway: Annotated[str | None, Query(max_length=200)] = None,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    ) -> dict[str, Any]:
+    @app.get("/api/v1/action-runs", responses=_documented(401, 403, 404))
+    def list_runs(db: StoreDep, token: TokenDep, q: Annotated[RunsQuery, Query()]) -> Response:
         """Runs, newest first; ``cursor`` is null on the last page."""
+        gateway = q.gateway
         if token.gateway is not None:
             if gateway not in {None, token.gateway}:
-                return {"runs": [], "cursor": None}
+                return _json({"runs": [], "cursor": None})
             gateway = token.gateway
         try:
             runs = db.list_runs(
-                status=status, pipeline=pipeline, gateway=gateway, before=cursor, limit=limit + 1
+                status=q.status,
+                pipeline=q.pipeline,
+                gateway=gateway,
+                before=q.cursor,
+                limit=q.limit + 1,
             )
         except RunNotFound:
-            raise HTTPException(
-                400, f"cursor: not a cursor this API returned: {cursor!r}"
-            ) from None
-        page, more = runs[:limit], len(runs) > limit
-        return {
-            "runs": [console.run_dict(r) for r in page],
-            "cursor": page[-1].id if more and page else None,
-        }
+            raise HTTPException(404, _NO_CURSOR_RUN) from None
+        page, more = runs[: q.limit], len(runs) > q.limit
+        return _json(
+            {"runs": [r.as_dict() for r in page], "cursor": page[-1].id if more and page else None}
+        )
 
-    @app.post("/api/v1/action-runs", status_code=201)
-    def trigger(body: TriggerBody, db: StoreDep, _token: OperatorDep) -> dict[str, Any]:
+    @app.post("/api/v1/action-runs", status_code=201, responses=_documented(401, 403, 404))
+    def trigger(body: TriggerBody, db: StoreDep, _token: OperatorDep, _q: NoQueryDep) -> Response:
         """Queue a run of a pipeline; 201 with the run."""
         try:
             run = control.trigger(
@@ -335,25 +571,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             )
         except QuarryError as exc:
             raise HTTPException(_status_of(exc), str(exc)) from None
-        return console.run_dict(run)
+        return _json(run.as_dict(), 201)
 
-    @app.get("/api/v1/action-runs/{run_id}")
-    def get_run(run_id: str, db: StoreDep, token: TokenDep) -> dict[str, Any]:
+    @app.get("/api/v1/action-runs/{run_id}", responses=_documented(401, 404))
+    def get_run(run_id: str, db: StoreDep, token: TokenDep, _q: NoQueryDep) -> Response:
         """One run."""
-        return console.run_dict(visible_run(db, token, run_id))
+        return _json(visible_run(db, token, run_id).as_dict())
 
-    @app.post("/api/v1/action-runs/{run_id}/cancel")
-    def cancel(run_id: str, db: StoreDep, token: OperatorDep) -> dict[str, Any]:
+    @app.post("/api/v1/action-runs/{run_id}/cancel", responses=_documented(401, 403, 404, 409))
+    def cancel(run_id: str, db: StoreDep, token: OperatorDep, _q: NoQueryDep) -> Response:
         """Cancel: at once when queued or interrupted, at the next heartbeat when running."""
         visible_run(db, token, run_id)
         try:
-            return console.run_dict(control.cancel(db, run_id))
+            return _json(control.cancel(db, run_id).as_dict())
         except IllegalTransition as exc:
             raise HTTPException(409, str(exc)) from None
 
-    @app.patch("/api/v1/action-runs/{run_id}")
-    def patch_run(run_id: str, body: RunPatch, db: StoreDep, token: ReporterDep) -> dict[str, Any]:
-        """External runners: claim, report logs and telemetry, finish (see worker/external.py)."""
+    @app.patch("/api/v1/action-runs/{run_id}", responses=_documented(401, 403, 404, 409))
+    def patch_run(
+        run_id: str, body: RunPatch, db: StoreDep, token: ReporterDep, _q: NoQueryDep
+    ) -> Response:
+        """External runners: claim, report logs and telemetry, finish (see worker/external.py).
+
+        Only runs targeted at a gateway take PATCHes; the whole PATCH applies, or none of it.
+        """
         run = visible_run(db, token, run_id)
         owner = f"gateway:{token.gateway}" if token.gateway else f"token:{token.id}"
         try:
@@ -364,81 +605,85 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
             ) from None
         except (IllegalTransition, PatchRefused) as exc:
             raise HTTPException(409, str(exc)) from None
-        return {**console.run_dict(db.get_run(run_id)), **extra}
+        return _json({**db.get_run(run_id).as_dict(), **extra})
 
-    @app.get("/api/v1/agent/runs")
-    def agent_runs(db: StoreDep, token: ReporterDep) -> dict[str, Any]:
-        """Queued runs targeted at this token's gateway, oldest first, for it to claim."""
+    @app.get("/api/v1/agent/runs", responses=_documented(401, 403, 404))
+    def agent_runs(db: StoreDep, token: ReporterDep, q: Annotated[AgentQuery, Query()]) -> Response:
+        """Queued runs targeted at this token's gateway, oldest first, for it to claim.
+
+        ``cursor`` (the last run id of a page) is null on the last page.
+        """
         if token.gateway is None:
             raise HTTPException(403, "this lists a gateway's runs: use a gateway:NAME token")
-        runs = [
-            r
-            for r in reversed(db.list_runs(status=Status.QUEUED, limit=MAX_PAGE))
-            if r.gateway == token.gateway
-        ]
-        return {"runs": [console.run_dict(r) for r in runs]}
+        try:
+            runs = db.gateway_queue(token.gateway, after=q.cursor, limit=q.limit + 1)
+        except RunNotFound:
+            raise HTTPException(404, _NO_CURSOR_RUN) from None
+        page, more = runs[: q.limit], len(runs) > q.limit
+        return _json(
+            {"runs": [r.as_dict() for r in page], "cursor": page[-1].id if more and page else None}
+        )
 
-    @app.get("/api/v1/action-runs/{run_id}/logs")
-    def run_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
-        run_id: str,
-        db: StoreDep,
-        token: TokenDep,
-        level: Annotated[
-            str | None, Query(description="error; warning = warnings and errors")
-        ] = None,
-        event: Annotated[str | None, Query(max_length=64)] = None,
-        from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-        to: Annotated[str | None, Query(max_length=40)] = None,
-        cursor: Annotated[str | None, Query(max_length=20)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+    @app.get("/api/v1/action-runs/{run_id}/logs", responses=_documented(401, 404))
+    def run_logs(
+        run_id: str, db: StoreDep, token: TokenDep, q: Annotated[RunLogQuery, Query()]
     ) -> Response:
         """A run's entries oldest first; ``cursor`` is null on the last page."""
-        try:
-            after_id = parse_cursor(cursor)
-            min_level = parse_level(level)
-            since, until = parse_time("from", from_), parse_time("to", to)
-        except HTTPException:
-            visible_run(db, token, run_id)  # an unknown run is a 404 before a bad parameter
-            raise
         try:
             # The run's visibility and the page on one connection, the page as JSON bytes.
             page = db.run_entry_page_json(
                 run_id,
                 gateway=token.gateway,
-                after_id=after_id,
-                limit=limit,
-                min_level=min_level,
-                event=event,
-                since=since,
-                until=until,
+                after_id=entry_cursor(q.cursor),
+                limit=q.limit,
+                min_level=Level.parse(q.level) if q.level else None,
+                event=q.event,
+                since=_as_utc(q.from_),
+                until=_as_utc(q.to),
             )
         except RunNotFound:
             raise HTTPException(404, f"no run {run_id}") from None
         return _page_response(page, null_cursor=True)
 
-    @app.get("/api/v1/action-runs/{run_id}/logs/stream")
+    @app.get("/api/v1/action-runs/{run_id}/logs/stream", responses=_documented(401, 404))
     async def run_stream(
         run_id: str,
         request: Request,
         db: StoreDep,
         token: TokenDep,
-        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+        _q: NoQueryDep,
+        last_event_id: Annotated[
+            str | None, Header(alias="Last-Event-ID", pattern=ENTRY_CURSOR)
+        ] = None,
     ) -> EventSourceResponse:
         """Server-Sent Events: each entry as it lands; resumes after ``Last-Event-ID``."""
-        visible_run(db, token, run_id)
+        if db.dialect == "sqlite":
+            visible_run(db, token, run_id)
+        else:
+            await run_in_threadpool(visible_run, db, token, run_id)
         secret: str = request.state.secret
         events = stream.entry_events(
             request.app.state.feeds,
             run_id,
-            after_id=parse_cursor(last_event_id),
+            after_id=entry_cursor(last_event_id),
             secret=secret,
             still_authorised=lambda: db.verify_token(secret) is not None,
             disconnected=request.is_disconnected,
         )
         return EventSourceResponse(events, ping=STREAM_PING_SECONDS)
 
-    @app.get("/metrics")
-    def metrics(db: StoreDep) -> Response:
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+                "description": "Prometheus text format.",
+            },
+            **_documented(),
+        },
+    )
+    def metrics(db: StoreDep, _q: NoQueryDep) -> Response:
         """Prometheus text format: runs by status, recoveries, entries written, stream clients."""
         stats = db.stats()
         lines = [
@@ -460,40 +705,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         ]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    @app.get("/api/v1/logs")
-    def flat_logs(  # noqa: PLR0917 - FastAPI reads query parameters from the signature
-        db: StoreDep,
-        token: TokenDep,
-        run_id: Annotated[str | None, Query(max_length=64)] = None,
-        pipeline: Annotated[str | None, Query(max_length=200)] = None,
-        event: Annotated[str | None, Query(max_length=64)] = None,
-        worker_id: Annotated[str | None, Query(max_length=200)] = None,
-        from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-        to: Annotated[str | None, Query(max_length=40)] = None,
-        count: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
-        cursor: Annotated[str | None, Query(max_length=20)] = None,
-    ) -> Response:
+    @app.get("/api/v1/logs", responses=_documented(401, 403))
+    def flat_logs(db: StoreDep, token: TokenDep, q: Annotated[FlatLogQuery, Query()]) -> Response:
         """Entries across runs, oldest first; no ``cursor`` in the answer means the end."""
         if token.gateway is not None:
             raise HTTPException(403, "the flat view needs an operator or read token")
         page = db.entry_page_json(
-            run_id,
-            after_id=parse_cursor(cursor),
-            limit=count,
-            event=event,
-            worker_id=worker_id,
-            pipeline=pipeline,
-            since=parse_time("from", from_),
-            until=parse_time("to", to),
+            q.run_id,
+            after_id=entry_cursor(q.cursor),
+            limit=q.count,
+            event=q.event,
+            worker_id=q.worker_id,
+            pipeline=q.pipeline,
+            since=_as_utc(q.from_),
+            until=_as_utc(q.to),
         )
         return _page_response(page, null_cursor=False)
 
     return app
 
 
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def _status_of(exc: QuarryError) -> int:
     if isinstance(exc, UnknownPipeline):
         return 404
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError | InvalidInput):
         return 422
     return 503

@@ -17,6 +17,9 @@ import redis.asyncio as aioredis
 #: The pub/sub channel; each message is one run id.
 CHANNEL = "quarry:entries"
 
+#: Longest wait between two attempts to subscribe again.
+MAX_RETRY_SECONDS = 30.0
+
 log = logging.getLogger("quarry.notify")
 
 
@@ -72,11 +75,16 @@ class Wakeups:
                 del self._waiters[run_id]
 
     async def _listen(self) -> None:
+        lost = False
+        delay = 1.0
         while True:
             try:
                 client = aioredis.Redis.from_url(self._url)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL)
+                    if lost:
+                        log.warning("wake-up subscription restored")
+                        lost, delay = False, 1.0
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
@@ -85,6 +93,13 @@ class Wakeups:
                             event.set()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("wake-up subscription lost; retrying", exc_info=True)
-                await asyncio.sleep(1)
+            except Exception as exc:
+                # Once per outage, one line: streams poll the store meanwhile.
+                if not lost:
+                    log.warning(
+                        "wake-up subscription lost (%s); streams poll until it is back",
+                        type(exc).__name__,
+                    )
+                    lost = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_SECONDS)

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from worker import console, jsonfmt
+from worker import jsonfmt
 from worker.scrub import scrubber
 from worker.settings import Settings
 from worker.store import Store
@@ -51,10 +51,10 @@ def payload(store: Store, run_id: str) -> bytes:
     run = store.get_run(run_id)
     body: dict[str, Any] = {
         "type": "run.ended",
-        "run": scrubber.data(console.run_dict(run)),
+        "run": scrubber.data(run.as_dict()),
         "telemetrySummary": scrubber.data(run.telemetry_summary),
     }
-    return jsonfmt.dumps(body).encode()
+    return jsonfmt.safe_bytes(body)
 
 
 def deliver(store: Store, settings: Settings, delivery_id: int) -> bool:

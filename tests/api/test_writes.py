@@ -155,4 +155,4 @@ def test_runs_page_by_cursor_and_filter_by_gateway(api: Api) -> None:  # noqa: F
     east = api.client.get("/api/v1/action-runs", params={"gateway": "east"}, headers=read).json()
     assert [r["id"] for r in east["runs"]] == [made[3], made[1]]
     bad = api.client.get("/api/v1/action-runs", params={"cursor": "run_nope"}, headers=read)
-    assert bad.status_code == 400
+    assert bad.status_code == 404  # a cursor names a run: an unknown one is not found
