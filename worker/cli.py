@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 from worker import console as view
 from worker import control, runtime
 from worker.client import ApiClient
-from worker.errors import ConfigError, QuarryError, first_line
+from worker.errors import ConfigError, InvalidInput, QuarryError, first_line
 from worker.models import Entry, Level, Status
 from worker.pipelines import load_pipelines, plan_slices
 from worker.runlog import escape_controls
@@ -61,6 +61,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     err.print("[bold red]error:[/] ", end="")
     err.print(escape_controls(scrubber.text(message)), markup=False)
     raise SystemExit(code)
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as JSON, terminal-safe (:func:`worker.console.json_text`), never markup."""
+    out.print(view.json_text(value), markup=False, highlight=False, soft_wrap=True)
 
 
 def open_store(settings: Settings | None = None) -> Store:
@@ -142,7 +147,7 @@ def pipelines_list(
             }
         )
     if as_json:
-        out.print_json(data=rows)
+        print_json(rows)
         return
     out.print(
         view.plain_table(
@@ -186,7 +191,7 @@ def runs_trigger(
     run_id = trigger_run(store, pipeline, params)
     if not follow_:
         if as_json:
-            out.print_json(data=view.run_dict(store.get_run(run_id)))
+            print_json(store.get_run(run_id).as_dict())
         else:
             out.print(f"queued {run_id}")
         return
@@ -204,7 +209,7 @@ def runs_cancel(
     """Cancel a run: at once if queued or interrupted, at its next heartbeat if running."""
     run = control.cancel(open_store(), run_id)
     if as_json:
-        out.print_json(data=view.run_dict(run))
+        print_json(run.as_dict())
     elif run.status is Status.CANCELLED:
         out.print(f"cancelled {run.id}")
     else:
@@ -231,7 +236,7 @@ def runs_list(
             raise UsageError(msg) from None
     runs = open_store().list_runs(status=wanted, pipeline=pipeline, limit=limit)
     if as_json:
-        out.print_json(data=[view.run_dict(r) for r in runs])
+        print_json([r.as_dict() for r in runs])
     elif runs:
         out.print(view.runs_table(runs))
     else:
@@ -246,7 +251,7 @@ def runs_show(
     """Show one run: status, progress, checkpoint, error."""
     run = open_store().get_run(run_id)
     if as_json:
-        out.print_json(data=view.run_dict(run))
+        print_json(run.as_dict())
     else:
         out.print(view.run_panel(run))
 
@@ -408,7 +413,7 @@ def tokens_list(
         for t in tokens
     ]
     if as_json:
-        out.print_json(data=rows)
+        print_json(rows)
         return
     out.print(
         view.plain_table(
@@ -550,7 +555,7 @@ def main() -> None:
     except QuarryError as exc:
         name = type(exc).__name__
         prefix = {"RunNotFound": "no such run: ", "UsageError": ""}.get(name, "")
-        fail(prefix + str(exc), 2 if isinstance(exc, UsageError) else 1)
+        fail(prefix + str(exc), 2 if isinstance(exc, UsageError | InvalidInput) else 1)
     except ValidationError as exc:
         problems = "; ".join(
             f"QUARRY_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from worker import jsonfmt, telemetry
 from worker.models import Entry, Level, Run, Status
 from worker.progress import format_count, format_duration
 from worker.runlog import escape_controls
@@ -51,9 +52,29 @@ def entry_line(entry: Entry) -> Text:
     return line
 
 
+#: Characters valid in JSON text that a terminal or a line-based reader acts on: C1 controls
+#: (0x9B is a CSI), NEL, the Unicode line and paragraph separators, and bidi overrides.
+_UNSAFE_IN_JSON = re.compile("[\u0080-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as one line of JSON that is safe on a terminal and in a line-based file.
+
+    Any value survives (:func:`worker.jsonfmt.safe_bytes`); the characters above are
+    written as ``\\uXXXX`` escapes, which every JSON reader decodes to the same text.
+    """
+    text = jsonfmt.safe_bytes(value).decode()
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def entry_json(entry: Entry) -> str:
-    """One entry as a JSON line."""
-    return json.dumps(entry.as_dict(), ensure_ascii=False, default=str)
+    """One entry as a JSON line (see :func:`json_text`)."""
+    return json_text(entry.as_dict())
+
+
+def plain(value: str) -> Text:
+    """Text from the store or a client as inert text: never markup, control characters escaped."""
+    return Text(escape_controls(value))
 
 
 def run_duration(run: Run) -> str:
@@ -62,27 +83,6 @@ def run_duration(run: Run) -> str:
         return "-"
     end = run.finished_at or utcnow()
     return format_duration((end - run.started_at).total_seconds())
-
-
-def run_dict(run: Run) -> dict[str, Any]:
-    """The run as JSON-ready data (no lease internals beyond what operators need)."""
-    return {
-        "id": run.id,
-        "pipeline": run.pipeline,
-        "status": run.status.value,
-        "attempt": run.attempt,
-        "params": run.params,
-        "gateway": run.gateway,
-        "lease_owner": run.lease_owner,
-        "lease_epoch": run.lease_epoch,
-        "checkpoint": run.checkpoint,
-        "telemetry_summary": run.telemetry_summary,
-        "error_summary": run.error_summary,
-        "cancel_requested": run.cancel_requested,
-        "created_at": run.created_at.isoformat(),
-        "started_at": run.started_at.isoformat() if run.started_at else None,
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-    }
 
 
 def status_text(status: Status) -> Text:
@@ -96,12 +96,12 @@ def plain_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(escape_controls(cell) for cell in row))
+        table.add_row(*(plain(cell) for cell in row))
     return table
 
 
 def runs_table(runs: list[Run]) -> Table:
-    """Runs as a table."""
+    """Runs as a table; every value from the store as plain text."""
     table = Table(show_edge=False, header_style="bold")
     for column in ("run", "pipeline", "status", "attempt", "progress", "rows", "created", "took"):
         table.add_column(
@@ -110,12 +110,12 @@ def runs_table(runs: list[Run]) -> Table:
     for run in runs:
         summary = run.telemetry_summary
         table.add_row(
-            run.id,
-            escape_controls(run.pipeline),
+            plain(run.id),
+            plain(run.pipeline),
             status_text(run.status),
             str(run.attempt),
-            f"{float(summary.get('progress', 0)):.0f}%",
-            format_count(int(summary.get("rows_loaded", 0))),
+            f"{telemetry.progress(summary):.0f}%",
+            format_count(telemetry.counter(summary, "rows_loaded")),
             run.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             run_duration(run),
         )
@@ -123,28 +123,30 @@ def runs_table(runs: list[Run]) -> Table:
 
 
 def run_panel(run: Run) -> Table:
-    """One run's details as a two-column grid."""
+    """One run's details as a two-column grid; every value from the store as plain text."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     summary = run.telemetry_summary
     position = run.checkpoint.get("position") or {}
     rows: list[tuple[str, str | Text]] = [
-        ("run", run.id),
-        ("pipeline", escape_controls(run.pipeline)),
+        ("run", plain(run.id)),
+        ("pipeline", plain(run.pipeline)),
         ("status", status_text(run.status)),
         ("attempt", str(run.attempt)),
-        ("worker", run.lease_owner or "-"),
-        ("progress", f"{float(summary.get('progress', 0)):.1f}%"),
-        ("rows", format_count(int(summary.get("rows_loaded", 0)))),
-        ("bytes", format_count(int(summary.get("bytes_loaded", 0)))),
-        ("files", format_count(int(summary.get("files_written", 0)))),
-        ("checkpoint", escape_controls(json.dumps(position)) if position else "-"),
+        ("worker", plain(run.lease_owner or "-")),
+        ("progress", f"{telemetry.progress(summary):.1f}%"),
+        ("rows", format_count(telemetry.counter(summary, "rows_loaded"))),
+        ("bytes", format_count(telemetry.counter(summary, "bytes_loaded"))),
+        ("files", format_count(telemetry.counter(summary, "files_written"))),
+        ("checkpoint", plain(json_text(position)) if position else "-"),
         ("created", run.created_at.isoformat()),
         ("took", run_duration(run)),
     ]
+    if run.gateway:
+        rows.append(("gateway", plain(run.gateway)))
     if run.params:
-        rows.append(("params", escape_controls(json.dumps(run.params))))
+        rows.append(("params", plain(json_text(run.params))))
     if run.error_summary:
         rows.append(("error", Text(escape_controls(run.error_summary), style="red")))
     for key, value in rows:
@@ -202,11 +204,12 @@ def follow(
                 if len(batch) < 1000:
                     break
             summary = run.telemetry_summary
+            resource = telemetry.label(summary, "current_resource") or run.status.value
             bar.update(
                 task,
-                completed=float(summary.get("progress", 0)),
-                rows=format_count(int(summary.get("rows_loaded", 0))),
-                description=f"{run_id} {summary.get('current_resource') or run.status.value}",
+                completed=telemetry.progress(summary),
+                rows=format_count(telemetry.counter(summary, "rows_loaded")),
+                description=escape_controls(f"{run_id} {resource}"),
             )
             if not follow or run.status.terminal or not alive():
                 return run

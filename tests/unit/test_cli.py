@@ -211,3 +211,81 @@ def test_logs_export_writes_every_entry_as_jsonl(env: dict[str, str], tmp_path: 
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert [e["event"] for e in lines] == ["resource_started", "run_interrupted", "run_failed"]
     assert "wrote 3 entries" in result.stderr
+
+
+def test_unreachable_broker_with_webhooks_is_one_line(env: dict[str, str]) -> None:
+    """With webhooks configured, a failed publish still prints one error line, no traceback."""
+    seeded_store(env)
+    env = {
+        **env,
+        "QUARRY_BROKER_URL": "redis://:pw-canary-89@127.0.0.1:1/0",
+        "QUARRY_WEBHOOK_URLS": "http://127.0.0.1:1/hook",
+    }
+    result = quarry(env, "runs", "trigger", "demo")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "pw-canary-89" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+def test_store_values_print_as_plain_text(env: dict[str, str]) -> None:
+    """Markup, hyperlinks and terminal controls in stored values print inert; JSON escapes them."""
+    store, _ = seeded_store(env)
+    hostile = {
+        "label": "[/oops]",
+        "link": "[link=http://evil.example]click[/link]",
+        "bidi": "abc\u202edcba",
+        "csi": "x\x9b31my",
+        "sep": "a\u2028b\u2029c\x85d",
+    }
+    run = store.create_run("demo", hostile)
+    now = datetime.now(UTC)
+    store.append_entries(
+        [NewEntry(run.id, Level.INFO, "log", "m\u2028[bold]x[/bold]\x9b", now, hostile)]
+    )
+    shown = quarry(env, "runs", "show", run.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "[/oops]" in shown.stdout
+    assert "[link=http://evil.example]" in shown.stdout
+    assert "\x1b]8;" not in shown.stdout  # no terminal hyperlink
+    listed = quarry(env, "runs", "list")
+    assert listed.returncode == 0, listed.stderr
+    for args in (
+        ("logs", run.id, "--json"),
+        ("logs", "export", run.id),
+        ("runs", "show", run.id, "--json"),
+    ):
+        result = quarry(env, *args)
+        assert result.returncode == 0, result.stderr
+        for char in ("\u2028", "\u2029", "\x85", "\x9b", "\u202e"):
+            assert char not in result.stdout, (args, repr(char))
+        for line in result.stdout.splitlines():
+            json.loads(line)
+
+
+def test_junk_telemetry_renders(env: dict[str, str]) -> None:
+    """A stored summary with wrong types (written before validation) never breaks a command."""
+    store, _ = seeded_store(env)
+    run = store.create_run("demo")
+    lease = store.acquire(run.id, "w", 30)
+    assert lease is not None
+    store.renew(
+        lease,
+        30,
+        {"progress": "abc", "rows_loaded": "many", "bytes_loaded": None, "current_resource": 5},
+    )
+    for args in (("runs", "list"), ("runs", "show", run.id), ("logs", run.id)):
+        result = quarry(env, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_params_are_bounded_and_scrubbed_on_trigger(env: dict[str, str]) -> None:
+    """A --param nested too deep is a usage error naming it; a secret param is never stored."""
+    store, _ = seeded_store(env)
+    deep = "[" * 40 + "]" * 40
+    result = quarry(env, "runs", "trigger", "demo", "--param", f"x={deep}")
+    assert result.returncode != 0
+    assert "params.x" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(store.list_runs()) == 1
