@@ -51,6 +51,10 @@ _RUN_GATEWAY_SQL = {
     "postgresql": "SELECT gateway FROM runs WHERE id = %s",
     "sqlite": "SELECT gateway FROM runs WHERE id = ?",
 }
+_PIPELINE_HAS_RUNS_SQL = {
+    "postgresql": "SELECT 1 FROM runs WHERE pipeline = %s LIMIT 1",
+    "sqlite": "SELECT 1 FROM runs WHERE pipeline = ? LIMIT 1",
+}
 _T = TypeVar("_T")
 
 #: orjson options that write :meth:`Store.entry_dicts` byte for byte as ``jsonfmt.dumps``
@@ -292,6 +296,8 @@ class EntryReads:
 
     def _page_json(self, conn: Connection, page: _EntryQuery) -> JsonPage:
         """``page`` as a :class:`JsonPage`, one row more read to learn whether more follow."""
+        if self._matches_nothing(conn, page):
+            return JsonPage(b"[]", None)
         limit = page.limit
         query = replace(page, limit=limit + 1)
         if self.dialect == "sqlite":
@@ -326,6 +332,8 @@ class EntryReads:
         utc_text: bool,
     ) -> list[_T]:
         """Run ``query`` through the driver and ``build`` each row."""
+        if self._matches_nothing(conn, query):
+            return []
         cursor = driver_cursor(conn)
         try:
             if self.dialect == "postgresql":
@@ -341,6 +349,16 @@ class EntryReads:
             return [build(row) for row in cursor.fetchall()]
         finally:
             cursor.close()
+
+    def _matches_nothing(self, conn: Connection, query: _EntryQuery) -> bool:
+        """Whether a ``pipeline`` filter names a pipeline with no run (one indexed lookup).
+
+        The keyset query walks entries in id order and tests each against the
+        pipeline's runs: for a pipeline with none, that is the whole table.
+        """
+        if query.pipeline is None:
+            return False
+        return fetch_one(conn, _PIPELINE_HAS_RUNS_SQL[self.dialect], (query.pipeline,)) is None
 
     def count_entries(self, run_id: str) -> int:
         """How many entries a run has."""
