@@ -35,10 +35,12 @@ MAX_INT32 = 2**31 - 1
 CLOCK_SKEW = timedelta(minutes=5)
 
 
-def check_json(value: Any, field: str) -> Any:
+def check_json(value: Any, field: str, *, json_types: bool = True) -> Any:
     """``value`` when it is within the JSON bounds above; :class:`InvalidInput` otherwise.
 
     Walked without recursion, so no input can exhaust the stack while it is checked.
+    ``json_types=False`` bounds only the shape (depth, nodes, keys), for documents such
+    as a TOML pipelines file whose scalars include dates.
     """
     nodes = 0
     pending: list[tuple[Any, str, int]] = [(value, field, 0)]
@@ -60,7 +62,7 @@ def check_json(value: Any, field: str) -> Any:
                     pending.append((child, f"{where}.{key}", depth + 1))
             else:
                 pending.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
-        else:
+        elif json_types:
             _check_scalar(item, where)
     return value
 

@@ -26,7 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import ConfigError, UnknownPipeline
+from worker.errors import ConfigError, InvalidInput, UnknownPipeline
+from worker.limits import check_json
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -223,6 +224,10 @@ def load_pipelines(path: Path) -> dict[str, Pipeline]:
         if not isinstance(body, dict):
             msg = f"{path}: pipeline {name!r}: expected a table"
             raise ConfigError(msg)
+        try:
+            check_json(body, f"pipeline {name!r}", json_types=False)
+        except InvalidInput as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         try:
             pipelines[name] = Pipeline.model_validate({"name": name, **body})
         except ValidationError as exc:

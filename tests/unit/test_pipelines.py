@@ -158,3 +158,11 @@ def test_integer_slice_errors(spec: dict[str, object], needle: str) -> None:
     """Mixed kinds, a zero step and an empty range are refused with a reason."""
     with pytest.raises(ValueError, match=needle):
         SliceSpec.model_validate(spec)
+
+
+def test_a_pipeline_nested_too_deep_is_a_config_error(tmp_path: Path) -> None:
+    """Pipeline config is bounded like any other input: 40 levels deep names the pipeline."""
+    deep = "{ a = " * 40 + "1" + " }" * 40
+    path = write(tmp_path, f'[pipelines.deep]\nsource = {{ type = "demo", extra = {deep} }}\n')
+    with pytest.raises(ConfigError, match="pipeline 'deep'.*nested deeper than 32 levels"):
+        load_pipelines(path)
