@@ -379,3 +379,38 @@ def test_store_unreachable_is_a_json_503(pg_url: str, tmp_path: Path) -> None:
         admin.dispose()
     log = (tmp_path / "api.log").read_text()
     assert "Traceback" not in log
+
+
+def test_readiness_covers_the_broker_and_outages_log_one_line(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """An API whose broker (Redis) is unreachable is not ready, and says so without tracebacks."""
+    env = {
+        **os.environ,
+        "QUARRY_DATABASE_URL": sqlite_url,
+        "QUARRY_DATA_DIR": str(tmp_path),
+        "QUARRY_BROKER_URL": "redis://:pw-canary-31@127.0.0.1:1/0",
+    }
+    process, base = serve_api(env, tmp_path / "api.log")
+    try:
+        ready = httpx.get(f"{base}/readyz", timeout=30)
+        assert ready.status_code == 503
+        assert "broker unreachable" in ready.json()["error"]["message"]
+        assert "pw-canary-31" not in ready.text
+        store = Store(sqlite_url)
+        _, secret = store.create_token("operator")
+        store.close()
+        trigger = httpx.post(
+            f"{base}/api/v1/action-runs",
+            json={"pipeline": "demo"},
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=60,
+        )
+        assert trigger.status_code in {404, 503}, trigger.text  # no pipelines file: 404
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    log = (tmp_path / "api.log").read_text()
+    assert "Traceback" not in log
+    assert "pw-canary-31" not in log
+    assert log.count("wake-up subscription lost") == 1
