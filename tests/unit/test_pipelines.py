@@ -164,5 +164,5 @@ def test_a_pipeline_nested_too_deep_is_a_config_error(tmp_path: Path) -> None:
     """Pipeline config is bounded like any other input: 40 levels deep names the pipeline."""
     deep = "{ a = " * 40 + "1" + " }" * 40
     path = write(tmp_path, f'[pipelines.deep]\nsource = {{ type = "demo", extra = {deep} }}\n')
-    with pytest.raises(ConfigError, match="pipeline 'deep'.*nested deeper than 32 levels"):
+    with pytest.raises(ConfigError, match=r"pipeline 'deep'.*nested deeper than 32 levels"):
         load_pipelines(path)

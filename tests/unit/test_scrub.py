@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.scrub import REDACTED, Scrubber
 
@@ -70,3 +72,11 @@ def test_processor_keeps_ordinary_events(scrubber: Scrubber) -> None:
         "resource": "events",
         "token": REDACTED,
     }
+
+
+@given(st.text(alphabet="abcdeghikprstuwxyz_-:/.+ 0123456789", max_size=60))
+def test_the_marker_trie_finds_what_the_literals_find(text: str) -> None:
+    """The trie-shaped marker search matches exactly when some marker occurs in the text."""
+    from worker.scrub import _MARKER_SEARCH, _MARKERS
+
+    assert bool(_MARKER_SEARCH(text)) == any(marker in text for marker in _MARKERS)
