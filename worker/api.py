@@ -37,7 +37,6 @@ from worker.errors import (
     RunNotFound,
     StoreUnavailable,
     UnknownPipeline,
-    first_line,
 )
 from worker.external import PatchRefused, RunPatch, apply_patch
 from worker.limits import JSON_VALUE_SCHEMA, BoundedJson
@@ -45,10 +44,10 @@ from worker.models import Event, Level, Run, Status
 from worker.notify import Wakeups
 from worker.readiness import broker_problem, redis_problem
 from worker.runtime import open_store
-from worker.scrub import scrubber
+from worker.scrub import describe, scrubber
 from worker.settings import Settings, get_settings
 from worker.store import Store
-from worker.store.engine import is_unavailable
+from worker.store.engine import unavailable_errors
 from worker.store.reads import JsonPage
 from worker.store.tokens import Token
 from worker.tasks import publish_run
@@ -325,7 +324,7 @@ def entry_cursor(value: str | None) -> int:
 
 class _Guard:
     """Bounds every request before any other work: body size while it is read (413), NUL in
-    the path or query (400); and answers any error that escapes a route as JSON.
+    the path or query (400).
 
     Plain ASGI rather than ``@app.middleware("http")``: that wrapper passes every
     response message through a memory stream and extra tasks, a cost paid by
@@ -339,12 +338,9 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _error(
-            413, f"request body over {MAX_BODY_BYTES} bytes", {"Connection": "close"}
-        )
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            await too_large(scope, receive, send)
+            await _too_large()(scope, receive, send)
             return
         if length is None and (
             scope["method"] in {"POST", "PATCH", "PUT", "DELETE"}
@@ -352,7 +348,7 @@ class _Guard:
         ):
             body = await _read_body(receive, MAX_BODY_BYTES)
             if body is None:
-                await too_large(scope, receive, send)
+                await _too_large()(scope, receive, send)
                 return
             receive = _replay(body, receive)
         # No store can hold NUL in text; a NUL in a filter or an id can match nothing.
@@ -361,29 +357,12 @@ class _Guard:
             message = "NUL characters are not allowed in paths or query parameters"
             await _error(400, message)(scope, receive, send)
             return
-        started = False
+        await self.app(scope, receive, send)
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:
-            unavailable = is_unavailable(exc) or isinstance(exc, StoreUnavailable)
-            _log.error(
-                "%s %s failed: %s: %s",
-                scope["method"],
-                scope["path"],
-                type(exc).__name__,
-                scrubber.text(first_line(exc)),
-                exc_info=not unavailable,
-            )
-            if started:
-                return
-            response = _unavailable() if unavailable else _error(500, "internal error")
-            await response(scope, receive, send)
+def _too_large() -> JSONResponse:
+    # Connection: close, so the server reads no more of a body it has refused.
+    return _error(413, f"request body over {MAX_BODY_BYTES} bytes", {"Connection": "close"})
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -505,6 +484,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         # A malformed parameter is a bad request (400); a body that fails validation, 422.
         in_body = any(e["loc"][:1] == ("body",) for e in errors)
         return _error(422 if in_body else 400, problems)
+
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        # A known outage: one line, no traceback, and the client told when to retry.
+        _log.error("%s %s: store unavailable: %s", request.method, request.url.path, describe(exc))
+        return _unavailable()
+
+    for error in (*unavailable_errors(), StoreUnavailable):
+        app.add_exception_handler(error, _store_down)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback after this answer: a bug must be seen.
+        return _error(500, "internal error")
 
     @app.exception_handler(InvalidInput)
     async def _out_of_bounds(_request: Request, exc: InvalidInput) -> JSONResponse:

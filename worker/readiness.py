@@ -12,8 +12,7 @@ import redis
 from kombu import Connection
 
 from worker import broker as _broker  # noqa: F401 - registers the embedded transport
-from worker.errors import first_line
-from worker.scrub import scrubber
+from worker.scrub import describe
 from worker.settings import Settings
 
 #: Seconds one readiness check may wait for a connection.
@@ -30,7 +29,7 @@ def broker_problem(settings: Settings) -> str | None:
                 max_retries=1, interval_start=0, interval_step=0, timeout=int(CHECK_TIMEOUT_SECONDS)
             )
     except Exception as exc:
-        return f"broker unreachable: {type(exc).__name__}: {scrubber.text(first_line(exc))}"
+        return f"broker unreachable: {describe(exc)}"
     return None
 
 
@@ -46,7 +45,7 @@ def redis_problem(settings: Settings) -> str | None:
     try:
         client.ping()
     except redis.RedisError as exc:
-        return f"redis unreachable: {type(exc).__name__}: {scrubber.text(first_line(exc))}"
+        return f"redis unreachable: {describe(exc)}"
     finally:
         client.close()
     return None

@@ -17,6 +17,8 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from worker.errors import first_line
+
 #: What replaces a secret.
 REDACTED = "[REDACTED]"
 
@@ -293,6 +295,11 @@ class Scrubber:
 
 #: The process-wide scrubber.
 scrubber = Scrubber()
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``, scrubbed: an error as one log or status line."""
+    return f"{type(exc).__name__}: {scrubber.text(first_line(exc))}"
 
 
 def scrub(value: str) -> str:

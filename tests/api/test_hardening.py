@@ -414,3 +414,22 @@ def test_readiness_covers_the_broker_and_outages_log_one_line(
     assert "Traceback" not in log
     assert "pw-canary-31" not in log
     assert log.count("wake-up subscription lost") == 1
+
+
+def test_an_unexpected_error_is_a_json_500(sqlite_url: str, tmp_path: Path) -> None:
+    """A bug in a route answers a JSON 500 (its traceback goes to the log, not the client)."""
+    from fastapi.testclient import TestClient
+
+    from worker.api import create_app
+    from worker.settings import Settings
+
+    app = create_app(Settings(database_url=sqlite_url, data_dir=tmp_path))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug at /srv/quarry/secret_path.py")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"status": 500, "message": "internal error"}}

@@ -139,22 +139,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database cannot be reached or used right now, as opposed to a bug.
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that say the database cannot be reached or used right now, not a bug.
 
     SQLAlchemy's operational and interface errors and a pool that timed out, and
     the same errors raised by the drivers themselves on the raw-cursor read path.
     """
-    import sqlite3  # noqa: PLC0415 - the drivers are loaded by then; no import-time cost
+    import sqlite3  # noqa: PLC0415 - asked for once per process; psycopg is not loaded at import
 
     import psycopg  # noqa: PLC0415
 
-    return isinstance(
-        exc,
-        sa_exc.OperationalError
-        | sa_exc.InterfaceError
-        | sa_exc.TimeoutError
-        | psycopg.OperationalError
-        | psycopg.InterfaceError
-        | sqlite3.OperationalError,
+    return (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        sqlite3.OperationalError,
     )

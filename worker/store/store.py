@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import ClauseElement
 
-from worker.errors import IllegalTransition, LeaseLost, RunNotFound, first_line
+from worker.errors import IllegalTransition, LeaseLost, RunNotFound
 from worker.jsonfmt import dumps, loads
 from worker.models import (
     TERMINAL,
@@ -48,7 +48,7 @@ from worker.models import (
     Status,
     can_transition,
 )
-from worker.scrub import scrubber
+from worker.scrub import describe
 from worker.store import migrate
 from worker.store.engine import aware, db_epoch, make_engine, utcnow
 from worker.store.external import ExternalWrites
@@ -171,11 +171,6 @@ def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> Ne
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, scrubbed."""
-    return f"{type(exc).__name__}: {scrubber.text(first_line(exc))}"
-
-
 def new_run_id() -> str:
     """A fresh, unguessable run id."""
     return f"run_{secrets.token_hex(8)}"
@@ -239,7 +234,7 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries, Extern
                 self.on_entries(touched)
             except Exception as exc:
                 # One line: a Redis outage must not print a traceback per commit.
-                _log.warning("entry notification failed: %s", _one_line(exc))
+                _log.warning("entry notification failed: %s", describe(exc))
 
     def _ended(self, run_id: str) -> None:
         if self.on_ended is None:
@@ -248,7 +243,7 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries, Extern
             self.on_ended(run_id)
         except Exception as exc:
             # One line: an unreachable broker must not bury the caller's own error.
-            _log.warning("run-ended hook failed for %s: %s", run_id, _one_line(exc))
+            _log.warning("run-ended hook failed for %s: %s", run_id, describe(exc))
 
     def close(self) -> None:
         """Release every pooled connection."""
