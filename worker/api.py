@@ -544,7 +544,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
                 status=q.status,
                 pipeline=q.pipeline,
                 gateway=gateway,
-                before=q.cursor,
+                cursor=q.cursor,
                 limit=q.limit + 1,
             )
         except RunNotFound:
@@ -608,7 +608,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:  # noqa: PLR0915 - 
         if token.gateway is None:
             raise HTTPException(403, "this lists a gateway's runs: use a gateway:NAME token")
         try:
-            runs = db.gateway_queue(token.gateway, after=q.cursor, limit=q.limit + 1)
+            runs = db.list_runs(
+                status=Status.QUEUED,
+                gateway=token.gateway,
+                cursor=q.cursor,
+                limit=q.limit + 1,
+                oldest_first=True,
+            )
         except RunNotFound:
             raise HTTPException(404, _NO_CURSOR_RUN) from None
         page, more = runs[: q.limit], len(runs) > q.limit

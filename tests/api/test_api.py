@@ -29,6 +29,18 @@ class Api:
         self.process = process
         self.client = httpx.Client(base_url=url, timeout=10)
 
+    def run_ids_paged(self, path: str, headers: dict[str, str], limit: int) -> list[str]:
+        """Every run id of a runs listing, read ``limit`` a page by its cursor until it is null."""
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+            body = self.client.get(path, params=params, headers=headers).json()
+            seen += [r["id"] for r in body["runs"]]
+            cursor = body["cursor"]
+            if cursor is None:
+                return seen
+
     def token(self, scope: str) -> dict[str, str]:
         """Headers carrying a fresh token of ``scope``."""
         _, secret = self.store.create_token(scope)

@@ -209,16 +209,7 @@ def test_a_gateway_sees_its_queue_behind_any_backlog(api: Api) -> None:  # noqa:
         api.store.create_run("demo", gateway="q")
     mine = [api.store.create_run("demo", gateway="a").id for _ in range(6)]
     headers = api.token("gateway:a")
-    seen: list[str] = []
-    cursor: str | None = None
-    while True:
-        params = {"limit": 4, **({"cursor": cursor} if cursor else {})}
-        body = api.client.get("/api/v1/agent/runs", params=params, headers=headers).json()
-        seen += [r["id"] for r in body["runs"]]
-        cursor = body["cursor"]
-        if cursor is None:
-            break
-    assert seen == mine
+    assert api.run_ids_paged("/api/v1/agent/runs", headers, limit=4) == mine
 
 
 def test_bad_telemetry_is_refused_and_stored_junk_renders(api: Api) -> None:  # noqa: F811

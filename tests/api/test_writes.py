@@ -142,16 +142,7 @@ def test_runs_page_by_cursor_and_filter_by_gateway(api: Api) -> None:  # noqa: F
     """Runs list newest first in pages; the cursor is null on the last; gateway filters."""
     read = api.token("read")
     made = [api.store.create_run("demo", gateway="east" if i % 2 else None).id for i in range(5)]
-    seen: list[str] = []
-    cursor = None
-    while True:
-        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
-        body = api.client.get("/api/v1/action-runs", params=params, headers=read).json()
-        seen += [r["id"] for r in body["runs"]]
-        cursor = body["cursor"]
-        if cursor is None:
-            break
-    assert seen == made[::-1]
+    assert api.run_ids_paged("/api/v1/action-runs", read, limit=2) == made[::-1]
     east = api.client.get("/api/v1/action-runs", params={"gateway": "east"}, headers=read).json()
     assert [r["id"] for r in east["runs"]] == [made[3], made[1]]
     bad = api.client.get("/api/v1/action-runs", params={"cursor": "run_nope"}, headers=read)

@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.sql.expression import ClauseElement
@@ -311,15 +312,24 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries, Extern
         status: Status | None = None,
         pipeline: str | None = None,
         gateway: str | None = None,
-        before: str | None = None,
+        cursor: str | None = None,
         limit: int = 50,
+        oldest_first: bool = False,
     ) -> list[Run]:
-        """Runs, newest first, optionally filtered; ``before`` is the last run id of a page.
+        """Runs, newest first (or oldest first), filtered in the query; ``cursor`` is the last
+        run id of the previous page.
 
-        A ``before`` run outside the filters' ``gateway`` raises :class:`RunNotFound` as an
-        unknown id does, so a cursor cannot tell whether another gateway's run exists.
+        A gateway's queue (``status`` queued, ``gateway``, ``oldest_first``: its claim
+        order) reads an index of its own, so other gateways' backlogs cost nothing. A
+        ``cursor`` run outside ``gateway`` raises :class:`RunNotFound` as an unknown id
+        does, so a cursor cannot tell whether another gateway's run exists.
         """
-        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+        order = (runs.c.created_at, runs.c.id)
+        query = (
+            select(runs)
+            .order_by(*(order if oldest_first else (c.desc() for c in order)))
+            .limit(limit)
+        )
         if status is not None:
             query = query.where(runs.c.status == status.value)
         if pipeline is not None:
@@ -327,49 +337,16 @@ class Store(EntryReads, TokenQueries, MaintenanceQueries, WebhookQueries, Extern
         if gateway is not None:
             query = query.where(runs.c.gateway == gateway)
         with self._reader.connect() as conn:
-            if before is not None:
-                marks = select(runs.c.created_at, runs.c.id).where(runs.c.id == before)
+            if cursor is not None:
+                marks = select(runs.c.created_at, runs.c.id).where(runs.c.id == cursor)
                 if gateway is not None:
                     marks = marks.where(runs.c.gateway == gateway)
                 mark = conn.execute(marks).first()
                 if mark is None:
-                    raise RunNotFound(before)
+                    raise RunNotFound(cursor)
+                # Keyset: strictly past the mark in the page order.
                 query = query.where(
-                    or_(
-                        runs.c.created_at < mark.created_at,
-                        and_(runs.c.created_at == mark.created_at, runs.c.id < mark.id),
-                    )
-                )
-            return [_run_from_row(row) for row in conn.execute(query)]
-
-    def gateway_queue(
-        self, gateway: str, *, after: str | None = None, limit: int = 50
-    ) -> list[Run]:
-        """A gateway's queued runs, oldest first (its claim order); ``after``: a page's last id.
-
-        Filtered in the query, on an index, so other gateways' backlogs cost nothing.
-        An ``after`` that is not one of this gateway's runs raises :class:`RunNotFound`.
-        """
-        query = (
-            select(runs)
-            .where(runs.c.gateway == gateway, runs.c.status == Status.QUEUED.value)
-            .order_by(runs.c.created_at, runs.c.id)
-            .limit(limit)
-        )
-        with self._reader.connect() as conn:
-            if after is not None:
-                mark = conn.execute(
-                    select(runs.c.created_at, runs.c.id).where(
-                        runs.c.id == after, runs.c.gateway == gateway
-                    )
-                ).first()
-                if mark is None:
-                    raise RunNotFound(after)
-                query = query.where(
-                    or_(
-                        runs.c.created_at > mark.created_at,
-                        and_(runs.c.created_at == mark.created_at, runs.c.id > mark.id),
-                    )
+                    tuple_(*order) > tuple(mark) if oldest_first else tuple_(*order) < tuple(mark)
                 )
             return [_run_from_row(row) for row in conn.execute(query)]
 
