@@ -247,10 +247,6 @@ EventName = Annotated[
 LevelName = Literal["debug", "info", "warn", "warning", "error"]
 
 
-def _alias(*names: str) -> Any:
-    return AliasChoices(*names)
-
-
 class _Query(BaseModel):
     """Query parameters: unknown names are refused (400), so a misspelled filter never
     silently returns everything."""
@@ -283,11 +279,11 @@ class RunLogQuery(_Query):
         default=None, description="This level and above: warning (or warn) = warnings and errors"
     )
     event: EventName = None
-    from_: TimeBound = Field(default=None, validation_alias=_alias("from", "fromDate"))
-    to: TimeBound = Field(default=None, validation_alias=_alias("to", "toDate"))
+    from_: TimeBound = Field(default=None, validation_alias=AliasChoices("from", "fromDate"))
+    to: TimeBound = Field(default=None, validation_alias=AliasChoices("to", "toDate"))
     cursor: str | None = Field(default=None, pattern=ENTRY_CURSOR)
     limit: int = Field(
-        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=_alias("limit", "count")
+        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=AliasChoices("limit", "count")
     )
 
 
@@ -299,20 +295,20 @@ class FlatLogQuery(_Query):
         default=None,
         max_length=64,
         pattern=NO_NUL,
-        validation_alias=_alias("run_id", "runId", "workflowRunId"),
+        validation_alias=AliasChoices("run_id", "runId", "workflowRunId"),
     )
     pipeline: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
-    event: EventName = Field(default=None, validation_alias=_alias("event", "state"))
+    event: EventName = Field(default=None, validation_alias=AliasChoices("event", "state"))
     worker_id: str | None = Field(
         default=None,
         max_length=200,
         pattern=NO_NUL,
-        validation_alias=_alias("worker_id", "workerId"),
+        validation_alias=AliasChoices("worker_id", "workerId"),
     )
-    from_: TimeBound = Field(default=None, validation_alias=_alias("from", "fromDate"))
-    to: TimeBound = Field(default=None, validation_alias=_alias("to", "toDate"))
+    from_: TimeBound = Field(default=None, validation_alias=AliasChoices("from", "fromDate"))
+    to: TimeBound = Field(default=None, validation_alias=AliasChoices("to", "toDate"))
     count: int = Field(
-        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=_alias("count", "limit")
+        default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=AliasChoices("count", "limit")
     )
     cursor: str | None = Field(default=None, pattern=ENTRY_CURSOR)
 
