@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/quarry demo
 
-## lint: ruff (lint + format check) and mypy --strict
+## lint: ruff (lint + format check), mypy --strict, and the import-linter layer contracts
 lint: $(STAMP)
 	$(BIN)/ruff check worker scheduler tests bench
 	$(BIN)/ruff format --check worker scheduler tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## test: lint, then every test tier; pytest's "no tests ran" (exit 5) fails the target
 test: lint

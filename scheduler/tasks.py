@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from scheduler import watchdog
 from worker.celery_app import RETENTION, WATCHDOG, app
+from worker.publish import publish_resumed
 from worker.runtime import get_runtime
-from worker.tasks import publish_resumed
 
 
 @app.task(name=WATCHDOG, ignore_result=True)

@@ -42,6 +42,7 @@ from worker.external import PatchRefused, RunPatch, apply_patch
 from worker.limits import JSON_VALUE_SCHEMA, BoundedJson
 from worker.models import Event, Level, Run, Status
 from worker.notify import Wakeups
+from worker.publish import publish_run
 from worker.readiness import broker_problem, redis_problem
 from worker.runtime import open_store
 from worker.scrub import describe, scrubber
@@ -50,7 +51,6 @@ from worker.store import Store
 from worker.store.engine import unavailable_errors
 from worker.store.reads import JsonPage
 from worker.store.tokens import Token
-from worker.tasks import publish_run
 
 #: Most entries one page of logs returns.
 MAX_PAGE = 1000

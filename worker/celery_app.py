@@ -84,28 +84,5 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-#: Message priorities. Kombu's Redis transport reads the lower number first, so a
-#: run resuming after an interruption or a crash goes ahead of runs not yet
-#: started: it holds a lease history and half its output, and a rolling deploy
-#: should not park it behind the whole backlog. The embedded SQLite broker is FIFO.
-RESUME_PRIORITY = 0
-NEW_RUN_PRIORITY = 5
-
-
-def send_webhook(delivery_id: int) -> None:
-    """Queue the delivery of one webhook."""
-    app.send_task(WEBHOOK, args=[delivery_id], queue=f"{get_settings().queue}.control")
-
-
-def send_run(celery: Celery, queue: str, run_id: str, *, resume: bool = False) -> None:
-    """Publish the wake-up message of ``run_id``."""
-    celery.send_task(
-        EXECUTE_RUN,
-        args=[run_id],
-        queue=queue,
-        priority=RESUME_PRIORITY if resume else NEW_RUN_PRIORITY,
-    )
-
-
 app = Celery("quarry", include=["worker.tasks", "scheduler.tasks"])
 app.add_defaults(lambda: celery_config(get_settings()))

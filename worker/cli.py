@@ -171,7 +171,7 @@ def pipelines_list(
 
 def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
     """Create a queued run and publish it (see :func:`worker.control.trigger`)."""
-    from worker.tasks import publish_run
+    from worker.publish import publish_run
 
     return control.trigger(store, get_settings(), publish_run, pipeline, params).id
 
@@ -475,7 +475,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
     """Run the demo pipeline on a real worker process and follow it live."""
-    from worker.tasks import prepare_store
+    from worker.runtime import prepare_store
 
     settings = get_settings()
     pipelines_file = _demo_pipelines(settings).resolve()

@@ -12,8 +12,8 @@ import threading
 from dataclasses import dataclass, field
 
 from worker import runlog
-from worker.celery_app import send_webhook
 from worker.notify import Publisher
+from worker.publish import send_webhook
 from worker.runlog import EntryWriter, StoreSink
 from worker.scrub import scrubber
 from worker.settings import Settings, get_settings
@@ -99,3 +99,19 @@ def close_runtime() -> None:
         if _runtime is not None and _pid == os.getpid():
             _runtime.close()
         _runtime = None
+
+
+def prepare_store() -> None:
+    """Bring an empty embedded database up to date; refuse a stale production schema."""
+    settings = get_settings()
+    store = Store(settings.store_url)
+    try:
+        if store.schema_is_current():
+            return
+        if settings.embedded:
+            store.upgrade()
+            return
+        msg = "the store's schema is not current: run `quarry db upgrade` first"
+        raise RuntimeError(msg)
+    finally:
+        store.close()

@@ -9,15 +9,15 @@ from typing import Any
 
 from celery import signals as celery_signals
 
-from scheduler.watchdog import fast_recover
 from worker import signals, webhooks
-from worker.celery_app import EXECUTE_RUN, WEBHOOK, app, send_run
+from worker.celery_app import EXECUTE_RUN, WEBHOOK, app
 from worker.errors import first_line
+from worker.publish import publish_resumed
+from worker.recovery import fast_recover
 from worker.runner import Outcome, Runner
-from worker.runtime import close_runtime, get_runtime
+from worker.runtime import close_runtime, get_runtime, prepare_store
 from worker.scrub import scrub
 from worker.settings import get_settings
-from worker.store import Store
 
 log = logging.getLogger("quarry.worker")
 
@@ -54,32 +54,6 @@ def deliver_webhook(self: Any, delivery_id: int) -> str:
     if delivery.status == "failed":
         return "failed"
     raise self.retry(countdown=min(2**delivery.attempts, webhooks.MAX_BACKOFF))
-
-
-def publish_run(run_id: str) -> None:
-    """Send the wake-up message of a new run to the runs queue."""
-    send_run(app, get_settings().queue, run_id)
-
-
-def publish_resumed(run_id: str) -> None:
-    """Send the wake-up message of a recovered run, ahead of runs not yet started."""
-    send_run(app, get_settings().queue, run_id, resume=True)
-
-
-def prepare_store() -> None:
-    """Bring an empty embedded database up to date; refuse a stale production schema."""
-    settings = get_settings()
-    store = Store(settings.store_url)
-    try:
-        if store.schema_is_current():
-            return
-        if settings.embedded:
-            store.upgrade()
-            return
-        msg = "the store's schema is not current: run `quarry db upgrade` first"
-        raise RuntimeError(msg)
-    finally:
-        store.close()
 
 
 @celery_signals.worker_init.connect

@@ -20,9 +20,10 @@ import httpx
 from celery import Celery
 
 from tests.conftest import truncate
-from worker.celery_app import celery_config, send_run
+from worker.celery_app import celery_config
 from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
+from worker.publish import send_run
 from worker.settings import Settings
 from worker.signals import child_pids
 from worker.sources.base import ReadContext

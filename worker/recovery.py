@@ -1,0 +1,192 @@
+"""Recovery of a run whose worker stopped or died: pure decisions over the run record and
+the clocks (:func:`decide`), and the conditional transition that carries one out (:func:`act`).
+
+- A ``running`` run whose lease expired on the database clock lost its worker
+  (SIGKILL, OOM, a lost machine, a frozen process): back to ``queued`` with
+  ``attempt + 1`` and a fresh wake-up message (``watchdog_recovery``); it
+  resumes from its checkpoint. Attempts exhausted, or a cancel was requested:
+  it ends ``cancelled`` (``watchdog_cancelled``, the reason in
+  ``error_summary``).
+- An ``interrupted`` run (SIGTERM, checkpoint saved, lease released) is
+  re-queued at once with the same attempt (``watchdog_fast_recovery``). The
+  stopping worker calls :func:`fast_recover` itself, so recovery does not
+  wait for the next sweep; the sweep is the safety net.
+- A ``queued`` run that no worker took for ``queued_republish_seconds`` (the
+  broker lost its message: Redis restarted without persistence, FLUSHALL) is
+  re-published (``watchdog_recovery``). A duplicate message is a no-op.
+
+Every action is a conditional transition on the state (and epoch) the
+decision saw, so when two watchdogs sweep at once exactly one acts on each
+stale lease; the loser's transition matches nothing. The timed sweep that
+looks at every candidate is ``scheduler/watchdog.py``; this module is shared
+by it and by the worker, which never imports the scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from worker.models import Event, Level, NewEntry, Run, Status
+from worker.store import Store
+
+#: The worker id watchdog entries carry.
+WATCHDOG_ID = "watchdog"
+
+Publish = Callable[[str], None]
+
+
+class Action(enum.StrEnum):
+    """What the watchdog does with a run."""
+
+    NONE = "none"
+    RECOVER = "recover"
+    FAST_RECOVER = "fast_recover"
+    REPUBLISH = "republish"
+    GIVE_UP = "give_up"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The watchdog's verdict on one run."""
+
+    run: Run
+    action: Action
+    reason: str
+
+
+def is_stale(run: Run, db_now: float) -> bool:
+    """Whether a running run's lease has expired at database time ``db_now``."""
+    return (
+        run.status is Status.RUNNING
+        and run.lease_expires_at is not None
+        and run.lease_expires_at < db_now
+    )
+
+
+def decide(
+    run: Run,
+    *,
+    db_now: float,
+    now: datetime,
+    max_attempts: int,
+    republish_after: timedelta,
+) -> Decision:
+    """What to do with ``run``: a pure function of the record and the clocks."""
+    if is_stale(run, db_now):
+        expired_for = db_now - (run.lease_expires_at or db_now)
+        gone = f"lease of {run.lease_owner} expired {expired_for:.1f}s ago"
+        if run.cancel_requested:
+            return Decision(run, Action.CANCEL, f"cancel requested and the owner is gone ({gone})")
+        if run.attempt >= max_attempts:
+            return Decision(
+                run, Action.GIVE_UP, f"attempts exhausted ({run.attempt}/{max_attempts}); {gone}"
+            )
+        return Decision(run, Action.RECOVER, gone)
+    if run.status is Status.INTERRUPTED:
+        if run.cancel_requested:
+            return Decision(run, Action.CANCEL, "cancel requested while interrupted")
+        return Decision(run, Action.FAST_RECOVER, "interrupted by its worker; checkpoint saved")
+    if run.status is Status.QUEUED and now - run.queued_at > republish_after:
+        waited = (now - run.queued_at).total_seconds()
+        return Decision(run, Action.REPUBLISH, f"queued {waited:.0f}s with no worker taking it")
+    return Decision(run, Action.NONE, "nothing to do")
+
+
+def _entry(run: Run, event: Event, message: str, **data: object) -> NewEntry:
+    return NewEntry(
+        run_id=run.id,
+        level=Level.WARNING,
+        event=event.value,
+        message=message,
+        occurred_at=datetime.now(UTC),
+        data={"previous_owner": run.lease_owner, "previous_epoch": run.lease_epoch, **data},
+        worker_id=WATCHDOG_ID,
+        attempt=run.attempt,
+    )
+
+
+def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int) -> bool:
+    """Carry out one decision; returns whether this call won the transition."""
+    run, reason = decision.run, decision.reason
+    if decision.action is Action.RECOVER:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_RECOVERY,
+            f"Recovered stale run: {reason}; attempt {run.attempt + 1}/{max_attempts}",
+            reason=reason,
+            next_attempt=run.attempt + 1,
+        )
+        won = store.transition(
+            run.id,
+            Status.RUNNING,
+            Status.QUEUED,
+            [entry],
+            expected_epoch=run.lease_epoch,
+            bump_attempt=True,
+        )
+    elif decision.action is Action.FAST_RECOVER:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_FAST_RECOVERY,
+            f"Re-queued interrupted run; it resumes from {_position(run)}",
+            reason=reason,
+            checkpoint=run.checkpoint.get("position"),
+        )
+        won = store.transition(
+            run.id, Status.INTERRUPTED, Status.QUEUED, [entry], expected_epoch=run.lease_epoch
+        )
+    elif decision.action is Action.REPUBLISH:
+        entry = _entry(
+            run,
+            Event.WATCHDOG_RECOVERY,
+            f"Re-published queued run: {reason} (broker message lost?)",
+            reason=reason,
+        )
+        won = store.claim_republish(run.id, run.queued_at, [entry])
+    elif decision.action in {Action.GIVE_UP, Action.CANCEL}:
+        entry = _entry(
+            run, Event.WATCHDOG_CANCELLED, f"Cancelled abandoned run: {reason}", reason=reason
+        )
+        won = store.transition(
+            run.id,
+            run.status,
+            Status.CANCELLED,
+            [entry],
+            expected_epoch=run.lease_epoch,
+            error_summary=reason,
+        )
+        return won
+    else:
+        return False
+    # A run targeted at a gateway has no Celery message: its gateway polls for it.
+    if won and run.gateway is None:
+        publish(run.id)
+    return won
+
+
+def _position(run: Run) -> str:
+    position = run.checkpoint.get("position") or {}
+    if position.get("slice"):
+        return f"after {position['resource']} slice {position['slice']}"
+    if position.get("resource"):
+        return f"after {position['resource']}"
+    return "the start"
+
+
+def fast_recover(store: Store, run_id: str, publish: Publish, *, max_attempts: int) -> bool:
+    """Re-queue one interrupted run now (called by the worker that stopped it)."""
+    run = store.get_run(run_id)
+    decision = decide(
+        run,
+        db_now=store.db_time(),
+        now=datetime.now(UTC),
+        max_attempts=max_attempts,
+        republish_after=timedelta.max,
+    )
+    if decision.action not in {Action.FAST_RECOVER, Action.CANCEL}:
+        return False
+    return act(store, decision, publish, max_attempts=max_attempts)
