@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from sse_starlette.event import ServerSentEvent
 
-from worker import jsonfmt, stream
+from worker import jsonfmt
+from worker.api import stream
 from worker.models import Event, Level, NewEntry
 from worker.store import Store
 

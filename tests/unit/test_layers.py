@@ -17,7 +17,7 @@ print(",".join(loaded))
 
 @pytest.mark.parametrize(
     "module",
-    ["worker", "worker.models", "worker.store", "worker.api", "worker.cli", "worker.external"],
+    ["worker", "worker.models", "worker.store", "worker.api", "worker.cli", "worker.api.external"],
 )
 def test_importing_leaves_celery_out(module: str) -> None:
     """The models, the store, the API and the CLI load neither Celery, the runner nor the tasks."""

@@ -1,0 +1,163 @@
+"""Runs: list, trigger, read, cancel; the external runners' PATCH and their queue."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker import control
+from worker.api.auth import (
+    OperatorDep,
+    ReporterDep,
+    SettingsDep,
+    StoreDep,
+    TokenDep,
+    visible_run,
+)
+from worker.api.external import PatchRefused, RunPatch, apply_patch
+from worker.api.params import AgentQuery, NoQueryDep, RunsQuery
+from worker.api.responses import documented, json_body
+from worker.errors import (
+    ConfigError,
+    IllegalTransition,
+    InvalidInput,
+    LeaseLost,
+    QuarryError,
+    RunNotFound,
+    UnknownPipeline,
+)
+from worker.limits import BoundedJson
+from worker.models import Run, Status
+from worker.publish import publish_run
+
+#: A runs-page cursor names a run; one this token cannot see answers as an unknown one does.
+_NO_CURSOR_RUN = "cursor: no such run in this view (a cursor is the last run id of a page)"
+
+router = APIRouter()
+
+
+class TriggerBody(BaseModel):
+    """``POST /api/v1/action-runs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(min_length=1, max_length=200)
+    params: BoundedJson = Field(default_factory=dict)
+    #: Target the run at an external gateway instead of the Celery workers.
+    gateway: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+def _page(runs: list[Run], limit: int) -> Response:
+    """``{"runs": [...], "cursor": …}`` from ``limit + 1`` runs read; null cursor on the last."""
+    page, more = runs[:limit], len(runs) > limit
+    return json_body(
+        {"runs": [r.as_dict() for r in page], "cursor": page[-1].id if more and page else None}
+    )
+
+
+@router.get("/api/v1/action-runs", responses=documented(401, 403, 404))
+def list_runs(db: StoreDep, token: TokenDep, q: Annotated[RunsQuery, Query()]) -> Response:
+    """Runs, newest first; ``cursor`` is null on the last page."""
+    gateway = q.gateway
+    if token.gateway is not None:
+        if gateway not in {None, token.gateway}:
+            return json_body({"runs": [], "cursor": None})
+        gateway = token.gateway
+    try:
+        runs = db.list_runs(
+            status=q.status,
+            pipeline=q.pipeline,
+            gateway=gateway,
+            cursor=q.cursor,
+            limit=q.limit + 1,
+        )
+    except RunNotFound:
+        raise HTTPException(404, _NO_CURSOR_RUN) from None
+    return _page(runs, q.limit)
+
+
+@router.post("/api/v1/action-runs", status_code=201, responses=documented(401, 403, 404))
+def trigger(
+    body: TriggerBody, db: StoreDep, settings: SettingsDep, _token: OperatorDep, _q: NoQueryDep
+) -> Response:
+    """Queue a run of a pipeline; 201 with the run."""
+    try:
+        run = control.trigger(
+            db, settings, publish_run, body.pipeline, body.params, gateway=body.gateway
+        )
+    except QuarryError as exc:
+        raise HTTPException(_status_of(exc), str(exc)) from None
+    return json_body(run.as_dict(), 201)
+
+
+@router.get("/api/v1/action-runs/{run_id}", responses=documented(401, 404))
+def get_run(run_id: str, db: StoreDep, token: TokenDep, _q: NoQueryDep) -> Response:
+    """One run."""
+    return json_body(visible_run(db, token, run_id).as_dict())
+
+
+@router.post("/api/v1/action-runs/{run_id}/cancel", responses=documented(401, 403, 404, 409))
+def cancel(run_id: str, db: StoreDep, token: OperatorDep, _q: NoQueryDep) -> Response:
+    """Cancel: at once when queued or interrupted, at the next heartbeat when running."""
+    visible_run(db, token, run_id)
+    try:
+        return json_body(control.cancel(db, run_id).as_dict())
+    except IllegalTransition as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.patch("/api/v1/action-runs/{run_id}", responses=documented(401, 403, 404, 409))
+def patch_run(
+    run_id: str,
+    body: RunPatch,
+    db: StoreDep,
+    settings: SettingsDep,
+    token: ReporterDep,
+    _q: NoQueryDep,
+) -> Response:
+    """External runners: claim, report logs and telemetry, finish (see worker/api/external.py).
+
+    Only runs targeted at a gateway take PATCHes; the whole PATCH applies, or none of it.
+    """
+    run = visible_run(db, token, run_id)
+    owner = f"gateway:{token.gateway}" if token.gateway else f"token:{token.id}"
+    try:
+        extra: dict[str, Any] = apply_patch(db, settings, run, body, owner)
+    except LeaseLost:
+        raise HTTPException(
+            409, "lease lost: this run was recovered or claimed by another runner"
+        ) from None
+    except (IllegalTransition, PatchRefused) as exc:
+        raise HTTPException(409, str(exc)) from None
+    return json_body({**db.get_run(run_id).as_dict(), **extra})
+
+
+@router.get("/api/v1/agent/runs", responses=documented(401, 403, 404))
+def agent_runs(db: StoreDep, token: ReporterDep, q: Annotated[AgentQuery, Query()]) -> Response:
+    """Queued runs targeted at this token's gateway, oldest first, for it to claim.
+
+    ``cursor`` (the last run id of a page) is null on the last page.
+    """
+    if token.gateway is None:
+        raise HTTPException(403, "this lists a gateway's runs: use a gateway:NAME token")
+    try:
+        runs = db.list_runs(
+            status=Status.QUEUED,
+            gateway=token.gateway,
+            cursor=q.cursor,
+            limit=q.limit + 1,
+            oldest_first=True,
+        )
+    except RunNotFound:
+        raise HTTPException(404, _NO_CURSOR_RUN) from None
+    return _page(runs, q.limit)
+
+
+def _status_of(exc: QuarryError) -> int:
+    if isinstance(exc, UnknownPipeline):
+        return 404
+    if isinstance(exc, ConfigError | InvalidInput):
+        return 422
+    return 503
