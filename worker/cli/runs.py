@@ -1,0 +1,109 @@
+"""``quarry runs``: trigger, list, show and cancel runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from worker import control
+from worker.cli import console as view
+from worker.cli.common import (
+    UsageError,
+    err,
+    open_store,
+    out,
+    parse_params,
+    print_json,
+)
+from worker.models import Status
+from worker.publish import publish_run
+from worker.settings import get_settings
+from worker.store import Store
+
+app = typer.Typer(help="Trigger, list, show and cancel runs.", no_args_is_help=True)
+
+
+def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
+    """Create a queued run and publish it (see :func:`worker.control.trigger`)."""
+    return control.trigger(store, get_settings(), publish_run, pipeline, params).id
+
+
+@app.command("trigger")
+def runs_trigger(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE run parameter.")
+    ] = None,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Follow the run's logs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Queue a run of PIPELINE; with --follow, stream its logs until it ends."""
+    params = parse_params(param or [])
+    store = open_store()
+    run_id = trigger_run(store, pipeline, params)
+    if not follow_:
+        if as_json:
+            print_json(store.get_run(run_id).as_dict())
+        else:
+            out.print(f"queued {run_id}")
+        return
+    if not as_json:
+        err.print(f"queued {run_id}, following (Ctrl-C stops following, not the run)")
+    run = view.follow(store, run_id, out, as_json=as_json)
+    raise typer.Exit(0 if run.status is Status.SUCCEEDED else 1)
+
+
+@app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Cancel a run: at once if queued or interrupted, at its next heartbeat if running."""
+    run = control.cancel(open_store(), run_id)
+    if as_json:
+        print_json(run.as_dict())
+    elif run.status is Status.CANCELLED:
+        out.print(f"cancelled {run.id}")
+    else:
+        out.print(f"cancel requested for {run.id}; its worker stops at the next heartbeat")
+
+
+@app.command("list")
+def runs_list(
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only runs in this status.")
+    ] = None,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only this pipeline.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    wanted: Status | None = None
+    if status is not None:
+        try:
+            wanted = Status(status.lower())
+        except ValueError:
+            known = ", ".join(s.value for s in Status)
+            msg = f"--status: expected one of {known}; got {status!r}"
+            raise UsageError(msg) from None
+    runs = open_store().list_runs(status=wanted, pipeline=pipeline, limit=limit)
+    if as_json:
+        print_json([r.as_dict() for r in runs])
+    elif runs:
+        out.print(view.runs_table(runs))
+    else:
+        out.print("no runs")
+
+
+@app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one run: status, progress, checkpoint, error."""
+    run = open_store().get_run(run_id)
+    if as_json:
+        print_json(run.as_dict())
+    else:
+        out.print(view.run_panel(run))
