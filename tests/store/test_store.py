@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from worker import testing
 from worker.errors import IllegalTransition, LeaseLost, RunNotFound
 from worker.models import Lease, Level, NewEntry, Run, Status
 from worker.store import Store
@@ -99,8 +100,8 @@ def test_takeover_fences_the_old_holder(store: Store) -> None:
     run = store.create_run("demo")
     old = store.acquire(run.id, "w1", 30)
     assert old is not None
-    store.expire_lease(run.id)
-    assert [r.id for r in store.expired_runs()] == [run.id]
+    testing.expire_lease(store, run.id)
+    assert [r.id for r in testing.expired_runs(store)] == [run.id]
     assert store.transition(
         run.id, Status.RUNNING, Status.QUEUED, expected_epoch=old.epoch, bump_attempt=True
     )
@@ -126,7 +127,7 @@ def test_expired_lease_is_not_stolen_by_acquire(store: Store) -> None:
     """Acquire only claims queued runs: an expired running run waits for the watchdog."""
     run = store.create_run("demo")
     assert store.acquire(run.id, "w1", 30) is not None
-    store.expire_lease(run.id)
+    testing.expire_lease(store, run.id)
     assert store.acquire(run.id, "w2", 30) is None
 
 

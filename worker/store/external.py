@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, delete, update
 
@@ -66,29 +66,25 @@ def _run_values(change: ExternalChange, *, held: bool, ttl_seconds: float) -> di
 class ExternalWrites:
     """The PATCH contract's writes (mixed into ``Store``)."""
 
-    def _transaction(self) -> contextlib.AbstractContextManager[Connection]:
-        raise NotImplementedError
+    if TYPE_CHECKING:
 
-    def _fence(self, conn: Connection, lease: Lease, values: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        def _transaction(self) -> contextlib.AbstractContextManager[Connection]: ...
 
-    def _insert_entries(self, conn: Connection, entries: Sequence[NewEntry]) -> None:
-        raise NotImplementedError
+        def _fence(self, conn: Connection, lease: Lease, values: dict[str, Any]) -> Any: ...
 
-    def _ended(self, run_id: str) -> None:
-        raise NotImplementedError
+        def _insert_entries(self, conn: Connection, entries: Sequence[NewEntry]) -> None: ...
 
-    @staticmethod
-    def _append_sample(
-        conn: Connection, run_id: str, values: dict[str, Any], *, at: datetime | None, cap: int
-    ) -> None:
-        raise NotImplementedError
+        def _ended(self, run_id: str) -> None: ...
 
-    @staticmethod
-    def _replace_samples(
-        conn: Connection, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
-    ) -> None:
-        raise NotImplementedError
+        @staticmethod
+        def _append_sample(
+            conn: Connection, run_id: str, values: dict[str, Any], *, at: datetime | None, cap: int
+        ) -> None: ...
+
+        @staticmethod
+        def _replace_samples(
+            conn: Connection, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
+        ) -> None: ...
 
     def write_external(
         self,

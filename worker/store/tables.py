@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -20,6 +22,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+from worker.models import Run, Status
+from worker.store.engine import aware, utcnow
 
 #: The page filter for each minimum level, verbatim as the partial indexes' predicates
 #: (SQLite uses a partial index only for a query term identical to its predicate).
@@ -144,3 +149,28 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_run_id", "run_id"),
     sqlite_autoincrement=True,
 )
+
+
+def run_from_row(row: Any) -> Run:
+    """A ``runs`` row as the :class:`Run` record."""
+    return Run(
+        id=row.id,
+        pipeline=row.pipeline,
+        status=Status(row.status),
+        attempt=row.attempt,
+        params=row.params or {},
+        gateway=row.gateway,
+        lease_owner=row.lease_owner,
+        lease_epoch=row.lease_epoch,
+        lease_expires_at=row.lease_expires_at,
+        heartbeat_at=aware(row.heartbeat_at),
+        checkpoint=row.checkpoint or {},
+        telemetry_summary=row.telemetry_summary or {},
+        error_summary=row.error_summary,
+        cancel_requested=bool(row.cancel_requested),
+        created_at=aware(row.created_at) or utcnow(),
+        queued_at=aware(row.queued_at) or utcnow(),
+        started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at),
+        updated_at=aware(row.updated_at) or utcnow(),
+    )
