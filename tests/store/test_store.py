@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from worker import testing
-from worker.errors import IllegalTransition, LeaseLost, RunNotFound
+from worker.errors import IllegalTransition, LeaseLost, RunNotFound, StoreUnavailable
 from worker.models import Lease, Level, NewEntry, Run, Status
 from worker.store import Store
 
@@ -468,3 +469,19 @@ def test_entry_cap_drops_info_keeps_warnings_and_counts(store: Store) -> None:
     assert first.data == {"limit": 5, "dropped": 3, "final": False}
     assert final.data == {"limit": 5, "dropped": 4, "final": True}
     assert first.level is Level.WARNING
+
+
+def test_an_unreachable_store_raises_store_unavailable(tmp_path: Path) -> None:
+    """Callers catch one Quarry error for an outage, whatever the driver: SQLAlchemy's path
+    and the raw-cursor reads alike."""
+    refused = Store("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(StoreUnavailable, match="OperationalError"):
+        refused.get_run("run_x")
+    with pytest.raises(StoreUnavailable):
+        refused.verify_token("qry_" + "x" * 40)
+    refused.close()
+    (tmp_path / "a-directory.db").mkdir()
+    unopenable = Store(f"sqlite:///{tmp_path / 'a-directory.db'}")
+    with pytest.raises(StoreUnavailable, match="unable to open database file"):
+        unopenable.get_run("run_x")
+    unopenable.close()

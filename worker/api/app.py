@@ -24,7 +24,7 @@ from starlette.types import Scope
 from worker.api import health, logs, metrics, runs, stream
 from worker.api.guard import Guard
 from worker.api.responses import error, unavailable
-from worker.errors import InvalidInput, StoreUnavailable
+from worker.errors import InvalidInput
 from worker.limits import JSON_VALUE_SCHEMA
 from worker.notify import Wakeups
 from worker.runtime import open_store
@@ -120,7 +120,7 @@ def _handle_errors(app: FastAPI) -> None:
         _log.error("%s %s: store unavailable: %s", request.method, request.url.path, describe(exc))
         return unavailable()
 
-    for outage in (*unavailable_errors(), StoreUnavailable):
+    for outage in unavailable_errors():
         app.add_exception_handler(outage, _store_down)
 
     @app.exception_handler(Exception)

@@ -12,8 +12,7 @@ from pydantic import ValidationError
 
 from worker.cli import db, demo, logs, pipelines, runs, serve, tokens
 from worker.cli.common import UsageError, fail, safe_url
-from worker.errors import InvalidInput, QuarryError, first_line
-from worker.scrub import scrubber
+from worker.errors import InvalidInput, QuarryError, StoreUnavailable
 from worker.settings import get_settings
 
 app = typer.Typer(
@@ -36,6 +35,8 @@ def main() -> None:
     """Run the CLI; user errors print one line and exit non-zero, with no traceback."""
     try:
         app()
+    except StoreUnavailable as exc:
+        fail(f"cannot use the store at {safe_url(get_settings().store_url)}: {exc}")
     except QuarryError as exc:
         name = type(exc).__name__
         prefix = {"RunNotFound": "no such run: ", "UsageError": ""}.get(name, "")
@@ -47,16 +48,6 @@ def main() -> None:
         fail(f"invalid settings: {problems or exc}")
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except Exception as exc:
-        if type(exc).__module__.split(".")[0] in {"sqlalchemy", "psycopg", "sqlite3"}:
-            fail(
-                f"cannot use the store at {safe_url(get_settings().store_url)}: {_first_line(exc)}"
-            )
-        raise
-
-
-def _first_line(exc: BaseException) -> str:
-    return scrubber.text(first_line(exc))
 
 
 __all__ = ["app", "main"]

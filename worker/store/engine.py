@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
 
+from worker.errors import StoreUnavailable
 from worker.jsonfmt import dumps, loads
+from worker.scrub import describe
 
 #: How long a SQLite writer waits for the file lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -51,7 +54,7 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
             f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS} "
             f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
         )
-        return create_engine(
+        engine = create_engine(
             url,
             connect_args={"options": options},
             pool_pre_ping=True,
@@ -60,6 +63,8 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
             pool_size=5,
             max_overflow=10,
         )
+        event.listen(engine, "handle_error", _store_unavailable)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -72,6 +77,8 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
         pool_size=5,
         max_overflow=SQLITE_MAX_OVERFLOW,
     )
+
+    event.listen(engine, "handle_error", _store_unavailable)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -104,7 +111,31 @@ def driver_cursor(conn: Connection) -> Any:
     """
     if conn.dialect.name != "sqlite" and not conn.in_transaction():
         conn.begin()
-    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    return _Cursor(conn.connection.driver_connection.cursor())  # type: ignore[union-attr]
+
+
+class _Cursor:
+    """A driver cursor whose outage errors are :class:`StoreUnavailable`, as SQLAlchemy's are."""
+
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        try:
+            self._cursor.execute(sql, params)
+        except _driver_outages() as exc:
+            raise StoreUnavailable(describe(exc)) from exc
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._cursor.close()
 
 
 def fetch_one(conn: Connection, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -139,21 +170,33 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def unavailable_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that say the database cannot be reached or used right now, not a bug.
-
-    SQLAlchemy's operational and interface errors and a pool that timed out, and
-    the same errors raised by the drivers themselves on the raw-cursor read path.
-    """
-    import sqlite3  # noqa: PLC0415 - asked for once per process; psycopg is not loaded at import
+@functools.cache
+def _driver_outages() -> tuple[type[Exception], ...]:
+    """The drivers' own errors for a database that cannot be reached or used right now."""
+    import sqlite3  # noqa: PLC0415 - asked for once; psycopg is not loaded at import
 
     import psycopg  # noqa: PLC0415
 
-    return (
-        sa_exc.OperationalError,
-        sa_exc.InterfaceError,
-        sa_exc.TimeoutError,
-        psycopg.OperationalError,
-        psycopg.InterfaceError,
-        sqlite3.OperationalError,
-    )
+    return (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError)
+
+
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """Every exception that says the store is unreachable or unusable right now, not a bug.
+
+    Statement and connection errors arrive as :class:`StoreUnavailable` (see
+    ``_store_unavailable`` and ``_Cursor``); a pool that timed out waiting for a
+    connection is SQLAlchemy's own.
+    """
+    return (StoreUnavailable, sa_exc.TimeoutError)
+
+
+def _store_unavailable(context: ExceptionContext) -> None:
+    """``handle_error``: operational and interface errors (a restart, a failover, a refused
+    connection, a locked file) become :class:`StoreUnavailable`, a Quarry error callers
+    catch without knowing the driver."""
+    if context.is_disconnect or isinstance(
+        context.sqlalchemy_exception, sa_exc.OperationalError | sa_exc.InterfaceError
+    ):
+        raise StoreUnavailable(describe(context.original_exception)) from (
+            context.sqlalchemy_exception or context.original_exception
+        )
