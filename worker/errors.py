@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.models import StopReason
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, or its type name when it has none (not scrubbed)."""
@@ -37,10 +42,6 @@ class IllegalTransition(QuarryError):
     """The run state machine refuses the requested status change."""
 
 
-class LeaseConflict(QuarryError):
-    """Another holder owns a live lease on the run."""
-
-
 class LeaseLost(QuarryError):
     """A fenced write found a newer lease epoch: the holder must stop and write nothing more."""
 
@@ -56,6 +57,6 @@ class DestinationError(QuarryError):
 class StopRequested(QuarryError):
     """The runner reached a safe point after SIGTERM or cancellation."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(reason.value)
         self.reason = reason

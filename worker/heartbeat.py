@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.errors import LeaseLost
 from worker.models import Event, Lease
+from worker.runlog import Logger
 from worker.settings import Settings
 from worker.store import Store
 from worker.telemetry import Telemetry
@@ -37,7 +38,7 @@ class Heartbeat:
         lease: Lease,
         settings: Settings,
         telemetry: Telemetry,
-        log: Any,
+        log: Logger,
     ) -> None:
         self.store = store
         self.lease = lease

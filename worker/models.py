@@ -50,6 +50,15 @@ def can_transition(current: Status, target: Status) -> bool:
     return target in TRANSITIONS[current]
 
 
+class StopReason(enum.StrEnum):
+    """Why a run stopped at a safe point: an operator's cancel, or the signal that arrived."""
+
+    CANCELLED = "cancelled"
+    SIGTERM = "SIGTERM"
+    SIGINT = "SIGINT"
+    SIGQUIT = "SIGQUIT"
+
+
 class Level(enum.StrEnum):
     """Severity of a log entry; ``warn`` is accepted as input for ``warning``."""
 

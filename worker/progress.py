@@ -96,11 +96,6 @@ def _with_resource(
     return {**checkpoint, "resources": resources, "position": position}
 
 
-def high_water(checkpoint: dict[str, Any], resource: str) -> Any:
-    """The JSON-encoded high-water mark a checkpoint holds for ``resource`` (or None)."""
-    return resource_state(checkpoint, resource).get("high_water")
-
-
 def totals(checkpoint: dict[str, Any]) -> dict[str, int]:
     """Rows, files and bytes committed across all resources."""
     out = {"rows": 0, "files": 0, "bytes": 0}

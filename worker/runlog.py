@@ -21,9 +21,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias, cast
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from worker import jsonfmt
 from worker.models import Level, NewEntry
@@ -270,6 +271,10 @@ def configure(
     )
 
 
-def get_logger(**bound: Any) -> Any:
+#: The run logger's type: structlog's filtering bound logger (``configure`` installs it).
+Logger: TypeAlias = FilteringBoundLogger
+
+
+def get_logger(**bound: Any) -> Logger:
     """A structlog logger with ``bound`` context."""
-    return structlog.get_logger("quarry").bind(**bound)
+    return cast(Logger, structlog.get_logger("quarry").bind(**bound))

@@ -21,7 +21,7 @@ from worker.destinations import Destination, SliceKey, StagedSlice, build_destin
 from worker.envrefs import resolve_and_register
 from worker.errors import LeaseLost, QuarryError, SourceError, StopRequested
 from worker.heartbeat import Heartbeat
-from worker.models import Event, Lease, NewEntry, Status
+from worker.models import Event, Lease, NewEntry, Status, StopReason
 from worker.pipelines import (
     Pipeline,
     ResourceConfig,
@@ -30,13 +30,13 @@ from worker.pipelines import (
     get_pipeline,
     plan_slices,
 )
-from worker.runlog import get_logger
+from worker.runlog import Logger, get_logger
 from worker.runtime import Runtime
 from worker.scrub import scrubber
 from worker.signals import StopFlag
 from worker.sources import Source, build_source
 from worker.sources.base import ReadContext, decode_mark, encode_mark
-from worker.telemetry import Telemetry
+from worker.telemetry import Phase, Telemetry
 
 #: Longest error summary stored on a run.
 MAX_ERROR_SUMMARY = 2000
@@ -58,7 +58,7 @@ class _Attempt:
     """What one attempt of a run carries around."""
 
     lease: Lease
-    log: Any
+    log: Logger
     pipeline: Pipeline
     checkpoint: dict[str, Any]
     telemetry: Telemetry
@@ -148,7 +148,7 @@ class Runner:
             a.telemetry.units_total = sum(len(p) if p else 1 for p in plans.values())
             a.telemetry.unit_done(self._units_already_done(a.checkpoint, plans))
             names = [r.name for r in pipeline.resources]
-            a.telemetry.set(current_phase="extracting")
+            a.telemetry.set(current_phase=Phase.EXTRACTING)
             a.log.info(
                 Event.EXTRACTION_STARTED,
                 message=f"Starting extraction from {pipeline.source.type}",
@@ -358,9 +358,9 @@ class Runner:
         if not a.heartbeat.healthy or a.lease.epoch in self.rt.refused.get(a.lease.run_id, ()):
             raise LeaseLost(f"{a.lease.run_id} epoch {a.lease.epoch}")
         if self.stop.requested:
-            raise StopRequested(self.stop.signal_name or "SIGTERM")
+            raise StopRequested(self.stop.signal_name or StopReason.SIGTERM)
         if a.heartbeat.cancel_requested.is_set():
-            raise StopRequested("cancelled")
+            raise StopRequested(StopReason.CANCELLED)
 
     def _pause(self, a: _Attempt, seconds: float) -> None:
         """A source's backoff sleep, itself a safe point: it ends early on a stop."""
@@ -447,7 +447,7 @@ class Runner:
 
     def _complete(self, a: _Attempt, totals: dict[str, int]) -> None:
         elapsed = time.monotonic() - a.started
-        a.telemetry.set(current_phase="completed", progress=100.0, current_resource=None)
+        a.telemetry.set(current_phase=Phase.COMPLETED, progress=100.0, current_resource=None)
         self._finish(
             a.lease,
             Status.SUCCEEDED,
@@ -462,8 +462,8 @@ class Runner:
 
     def _stop(self, a: _Attempt, stop: StopRequested) -> Outcome:
         position = a.checkpoint.get("position")
-        if stop.reason == "cancelled":
-            a.telemetry.set(current_phase="cancelled")
+        if stop.reason is StopReason.CANCELLED:
+            a.telemetry.set(current_phase=Phase.CANCELLED)
             self._finish(
                 a.lease,
                 Status.CANCELLED,
@@ -475,7 +475,7 @@ class Runner:
                 telemetry=a.telemetry,
             )
             return Outcome.CANCELLED
-        a.telemetry.set(current_phase="interrupted")
+        a.telemetry.set(current_phase=Phase.INTERRUPTED)
         where = (
             f"{position['resource']} slice {position['slice']}"
             if position and position.get("slice")
@@ -486,8 +486,8 @@ class Runner:
             Status.INTERRUPTED,
             lambda: a.log.warning(
                 Event.RUN_INTERRUPTED,
-                message=f"{stop.reason} received, checkpoint saved after {where}",
-                signal=stop.reason,
+                message=f"{stop.reason.value} received, checkpoint saved after {where}",
+                signal=stop.reason.value,
                 checkpoint=position,
             ),
             telemetry=a.telemetry,
@@ -497,13 +497,13 @@ class Runner:
     def _fail(
         self,
         lease: Lease,
-        log: Any,
+        log: Logger,
         telemetry: Telemetry,
         exc: BaseException,
         attempt: _Attempt | None,
     ) -> Outcome:
         summary = error_summary(exc)
-        telemetry.set(current_phase="failed")
+        telemetry.set(current_phase=Phase.FAILED)
         try:
             self._finish(
                 lease,

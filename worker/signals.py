@@ -17,16 +17,18 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from worker.models import StopReason
+
 
 class StopFlag:
     """Set once a stop is requested; read by the runner between pages."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signal_name: str | None = None
+        self.signal_name: StopReason | None = None
 
-    def set(self, reason: str) -> None:
-        """Request a stop."""
+    def set(self, reason: StopReason) -> None:
+        """Request a stop (the first reason given is kept)."""
         if self.signal_name is None:
             self.signal_name = reason
         self._event.set()
@@ -51,7 +53,7 @@ stop_flag = StopFlag()
 
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    stop_flag.set(signal.Signals(signum).name)
+    stop_flag.set(StopReason(signal.Signals(signum).name))
 
 
 def install(signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> None:

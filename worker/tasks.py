@@ -18,6 +18,7 @@ from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime, prepare_store
 from worker.scrub import scrub
 from worker.settings import get_settings
+from worker.store.webhooks import DeliveryStatus
 
 log = logging.getLogger("quarry.worker")
 
@@ -51,7 +52,7 @@ def deliver_webhook(self: Any, delivery_id: int) -> str:
     if webhooks.deliver(runtime.store, runtime.settings, delivery_id):
         return "delivered"
     delivery = runtime.store.get_delivery(delivery_id)
-    if delivery.status == "failed":
+    if delivery.status is DeliveryStatus.FAILED:
         return "failed"
     raise self.retry(countdown=min(2**delivery.attempts, webhooks.MAX_BACKOFF))
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import threading
 from typing import Any
 
 from worker.errors import InvalidInput
 from worker.limits import MAX_INT
+
+
+class Phase(enum.StrEnum):
+    """Where the running attempt is, as the summary's ``current_phase`` reports it."""
+
+    STARTING = "starting"
+    EXTRACTING = "extracting"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
 
 
 class Telemetry:
@@ -23,7 +35,7 @@ class Telemetry:
             "bytes_loaded": int(start.get("bytes_loaded", 0)),
             "files_written": int(start.get("files_written", 0)),
             "progress": 0.0,
-            "current_phase": "starting",
+            "current_phase": Phase.STARTING,
             "current_resource": None,
         }
 

@@ -20,6 +20,7 @@ from worker import jsonfmt
 from worker.scrub import scrubber
 from worker.settings import Settings
 from worker.store import Store
+from worker.store.webhooks import DeliveryStatus
 
 #: Attempts per delivery before it is recorded ``failed``.
 MAX_ATTEMPTS = 8
@@ -71,11 +72,12 @@ def deliver(store: Store, settings: Settings, delivery_id: int) -> bool:
         error = f"{type(exc).__name__}: {scrubber.text(str(exc))}"[:500]
     else:
         if 200 <= response.status_code < 300:
-            store.record_attempt(delivery_id, status="delivered", error=None)
+            store.record_attempt(delivery_id, status=DeliveryStatus.DELIVERED, error=None)
             return True
         error = f"HTTP {response.status_code}"
     final = delivery.attempts + 1 >= MAX_ATTEMPTS
-    store.record_attempt(delivery_id, status="failed" if final else "pending", error=error)
+    status = DeliveryStatus.FAILED if final else DeliveryStatus.PENDING
+    store.record_attempt(delivery_id, status=status, error=error)
     return False
 
 

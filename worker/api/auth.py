@@ -14,7 +14,7 @@ from worker.errors import RunNotFound
 from worker.models import Run
 from worker.settings import Settings
 from worker.store import Store
-from worker.store.tokens import Token
+from worker.store.tokens import Scope, Token
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -61,7 +61,7 @@ TokenDep = Annotated[Token, Depends(_authenticated)]
 
 
 def _operator(token: TokenDep) -> Token:
-    if token.scope != "operator":
+    if token.scope != Scope.OPERATOR:
         raise HTTPException(
             403, f"this needs an operator token; this token's scope is {token.scope}"
         )
@@ -72,7 +72,7 @@ OperatorDep = Annotated[Token, Depends(_operator)]
 
 
 def _reporter(token: TokenDep) -> Token:
-    if token.scope == "read":
+    if token.scope == Scope.READ:
         raise HTTPException(403, "a read token cannot change runs")
     return token
 

@@ -16,6 +16,7 @@ from worker.cli.common import (
     out,
     print_json,
 )
+from worker.store.tokens import valid_scope
 
 app = typer.Typer(
     help="API tokens (stored hashed; the secret is shown once).", no_args_is_help=True
@@ -26,9 +27,7 @@ _SCOPE_HELP = "operator, read, or gateway:NAME"
 
 
 def _check_scope(scope: str) -> str:
-    if scope in {"operator", "read"} or (
-        scope.startswith("gateway:") and len(scope) > len("gateway:")
-    ):
+    if valid_scope(scope):
         return scope
     msg = f"--scope: expected {_SCOPE_HELP}; got {scope!r}"
     raise UsageError(msg)

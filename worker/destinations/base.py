@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from worker.runlog import Logger
 from worker.sources.base import Page
 
 
@@ -57,7 +58,7 @@ class StagedSlice(Protocol):
 class Destination(Protocol):
     """Where rows go."""
 
-    def stage(self, key: SliceKey, log: Any) -> StagedSlice:
+    def stage(self, key: SliceKey, log: Logger) -> StagedSlice:
         """Begin writing one slice; ``log`` is the run's logger (for schema changes)."""
         ...
 

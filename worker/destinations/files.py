@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from worker.destinations.base import SliceKey, SliceStats, StagedSlice
 from worker.errors import ConfigError, DestinationError
 from worker.pipelines import parse_options
+from worker.runlog import Logger
 from worker.sources.base import Page
 
 #: gzip level: 1 costs a fraction of the CPU of 6 for ~10 % larger files.
@@ -128,7 +129,7 @@ class FilesDestination:
                 raise ConfigError(msg) from None
         return cls(config.path or default_root, config.format)
 
-    def stage(self, key: SliceKey, log: Any) -> StagedSlice:
+    def stage(self, key: SliceKey, log: Logger) -> StagedSlice:
         """Open a temporary file for the slice."""
         final = slice_path(self.root, key, SUFFIXES[self.format])
         try:

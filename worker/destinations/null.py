@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.destinations.base import SliceKey, SliceStats
+from worker.runlog import Logger
 from worker.sources.base import Page
 
 
@@ -32,7 +33,7 @@ class NullSlice:
 class NullDestination:
     """Discards every row."""
 
-    def stage(self, key: SliceKey, log: Any) -> NullSlice:
+    def stage(self, key: SliceKey, log: Logger) -> NullSlice:
         """A counting slice."""
         return NullSlice()
 

@@ -34,6 +34,7 @@ from worker.destinations.base import SliceStats
 from worker.destinations.files import temp_path
 from worker.errors import DestinationError, first_line
 from worker.models import Event
+from worker.runlog import Logger
 from worker.sources.base import Page, Row, RowPage
 
 #: Rows per row group: large enough for good compression and scans, small enough for memory.
@@ -116,7 +117,7 @@ def _casts(value: Any, source: pa.DataType, target: pa.DataType) -> bool:
 class StagedParquet:
     """A Parquet slice file being written under a temporary name."""
 
-    def __init__(self, final: Path, epoch: int, log: Any) -> None:
+    def __init__(self, final: Path, epoch: int, log: Logger) -> None:
         self.final = final
         self.temp = temp_path(final, epoch)
         self.log = log

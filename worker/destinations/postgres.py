@@ -42,6 +42,7 @@ from worker.destinations.base import SliceKey, SliceStats
 from worker.errors import ConfigError, DestinationError, LeaseLost, first_line
 from worker.models import Event
 from worker.pipelines import parse_options
+from worker.runlog import Logger
 from worker.scrub import scrubber
 from worker.sources.base import Page, RowPage
 
@@ -177,7 +178,7 @@ class PostgresDestination:
         """The table ``resource`` is written to."""
         return self.config.table.replace("{resource}", resource)
 
-    def stage(self, key: SliceKey, log: Any) -> StagedTable:
+    def stage(self, key: SliceKey, log: Logger) -> StagedTable:
         """Open the slice's transaction and claim the slice under the lease epoch."""
         return StagedTable(self, key, log)
 
@@ -201,7 +202,7 @@ class PostgresDestination:
 class StagedTable:
     """One slice's open transaction on its table."""
 
-    def __init__(self, dest: PostgresDestination, key: SliceKey, log: Any) -> None:
+    def __init__(self, dest: PostgresDestination, key: SliceKey, log: Logger) -> None:
         self.dest = dest
         self.key = key
         self.log = log

@@ -8,7 +8,7 @@ merged with the run's params. See the README's "Writing a source" guide.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -16,6 +16,7 @@ from typing import Any, Protocol, overload
 
 from worker.errors import SourceError
 from worker.pipelines import ResourceConfig, Window
+from worker.runlog import Logger
 
 #: One row of extracted data: column name to a JSON-able or SQL-typed value
 #: (str, int, float, bool, None, Decimal, date, datetime, bytes, list, dict).
@@ -76,7 +77,7 @@ class ReadContext:
     ``pause``, never ``time.sleep``.
     """
 
-    log: Any
+    log: Logger
     since: Any = None
     high_water: Any = None
     #: Sleep for a backoff: returns early by raising when the run must stop
@@ -107,14 +108,6 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Release connections and sessions."""
-        ...
-
-
-class SourceFactory(Protocol):
-    """Builds a source from its pipeline config merged with the run's params."""
-
-    def __call__(self, options: Mapping[str, Any]) -> Source:
-        """A ready source; raises ConfigError on bad options."""
         ...
 
 

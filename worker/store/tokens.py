@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import secrets
@@ -18,6 +19,24 @@ from worker.store.tables import api_tokens
 TOKEN_PREFIX = "qry_"  # noqa: S105 - a prefix, not a secret
 
 
+class Scope(enum.StrEnum):
+    """What a token may do; a gateway token is ``gateway:NAME`` (:data:`GATEWAY_PREFIX`)."""
+
+    OPERATOR = "operator"
+    READ = "read"
+
+
+#: A gateway token's scope is this prefix and the gateway's name.
+GATEWAY_PREFIX = "gateway:"
+
+
+def valid_scope(scope: str) -> bool:
+    """Whether ``scope`` is ``operator``, ``read`` or ``gateway:NAME``."""
+    return scope in set(Scope) or (
+        scope.startswith(GATEWAY_PREFIX) and len(scope) > len(GATEWAY_PREFIX)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """A stored token (never its secret)."""
@@ -31,7 +50,11 @@ class Token:
     @property
     def gateway(self) -> str | None:
         """The gateway a ``gateway:NAME`` token is limited to."""
-        return self.scope.split(":", 1)[1] if self.scope.startswith("gateway:") else None
+        return (
+            self.scope.removeprefix(GATEWAY_PREFIX)
+            if self.scope.startswith(GATEWAY_PREFIX)
+            else None
+        )
 
 
 def hash_secret(secret: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,14 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from worker.store.tables import webhook_deliveries
 
 
+class DeliveryStatus(enum.StrEnum):
+    """Where a webhook delivery is: retries remain, it was delivered, or it was given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One webhook delivery."""
@@ -19,13 +28,15 @@ class Delivery:
     id: int
     run_id: str
     url: str
-    status: str
+    status: DeliveryStatus
     attempts: int
     last_error: str | None
 
 
 def _delivery(row: Any) -> Delivery:
-    return Delivery(row.id, row.run_id, row.url, row.status, row.attempts, row.last_error)
+    return Delivery(
+        row.id, row.run_id, row.url, DeliveryStatus(row.status), row.attempts, row.last_error
+    )
 
 
 class WebhookQueries:
@@ -44,7 +55,12 @@ class WebhookQueries:
                 int(
                     conn.execute(
                         insert(webhook_deliveries)
-                        .values(run_id=run_id, url=url, status="pending", created_at=now)
+                        .values(
+                            run_id=run_id,
+                            url=url,
+                            status=DeliveryStatus.PENDING.value,
+                            created_at=now,
+                        )
                         .returning(webhook_deliveries.c.id)
                     ).scalar_one()
                 )
@@ -71,14 +87,16 @@ class WebhookQueries:
             )
             return [_delivery(row) for row in rows]
 
-    def record_attempt(self, delivery_id: int, *, status: str, error: str | None) -> None:
+    def record_attempt(
+        self, delivery_id: int, *, status: DeliveryStatus, error: str | None
+    ) -> None:
         """Count an attempt and its outcome (``pending`` while retries remain)."""
         values: dict[str, Any] = {
-            "status": status,
+            "status": status.value,
             "attempts": webhook_deliveries.c.attempts + 1,
             "last_error": error,
         }
-        if status == "delivered":
+        if status is DeliveryStatus.DELIVERED:
             values["delivered_at"] = datetime.now(UTC)
         with self._transaction() as conn:
             conn.execute(
