@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import progress
+from worker import checkpoints, wording
 from worker.destinations import Destination, SliceKey, StagedSlice, build_destination
 from worker.envrefs import resolve_and_register
 from worker.errors import LeaseLost, QuarryError, SourceError, StopRequested
@@ -169,13 +169,13 @@ class Runner:
                     )
             except StopRequested as stop:
                 return self._stop(a, stop)
-            totals = progress.totals(a.checkpoint)
+            totals = checkpoints.totals(a.checkpoint)
             a.log.info(
                 Event.EXTRACTION_COMPLETED,
                 message=(
-                    f"Extracted {progress.plural(len(names), 'resource')}: "
-                    f"{progress.plural(totals['rows'], 'row')}, "
-                    f"{progress.plural(totals['files'], 'file')}"
+                    f"Extracted {wording.plural(len(names), 'resource')}: "
+                    f"{wording.plural(totals['rows'], 'row')}, "
+                    f"{wording.plural(totals['files'], 'file')}"
                 ),
                 resources=len(names),
                 **totals,
@@ -205,10 +205,10 @@ class Runner:
     ) -> int:
         done = 0
         for name, plan in plans.items():
-            if progress.is_resource_done(checkpoint, name):
+            if checkpoints.is_resource_done(checkpoint, name):
                 done += len(plan) if plan else 1
             elif plan:
-                done += progress.next_slice(checkpoint, name) - 1
+                done += checkpoints.next_slice(checkpoint, name) - 1
         return done
 
     def _resource(
@@ -223,10 +223,10 @@ class Runner:
     ) -> None:
         name = resource.name
         total = len(a.pipeline.resources)
-        if progress.is_resource_done(a.checkpoint, name):
+        if checkpoints.is_resource_done(a.checkpoint, name):
             return
         started = time.monotonic()
-        resume_from = progress.next_slice(a.checkpoint, name) if plan else None
+        resume_from = checkpoints.next_slice(a.checkpoint, name) if plan else None
         label = f"Extracting {name} ({position + 1}/{total})" + (", sliced" if plan else "")
         if plan and resume_from and resume_from > 1:
             label += f", resuming at slice {resume_from}/{len(plan)}"
@@ -259,17 +259,17 @@ class Runner:
                 traceback=scrubber.text("".join(traceback.format_exception(exc)[-3:])),
             )
             raise
-        state = progress.resource_state(a.checkpoint, name)
+        state = checkpoints.resource_state(a.checkpoint, name)
         rows, files = int(state.get("rows", 0)), int(state.get("files", 0))
         duration = round(time.monotonic() - started, 3)
-        checkpoint = progress.record_resource_done(a.checkpoint, name)
+        checkpoint = checkpoints.record_resource_done(a.checkpoint, name)
         self._commit(
             a,
             lambda: a.log.info(
                 Event.RESOURCE_COMPLETED,
                 message=(
-                    f"Completed {name}: {progress.plural(rows, 'row')}, "
-                    f"{progress.plural(files, 'file')}"
+                    f"Completed {name}: {wording.plural(rows, 'row')}, "
+                    f"{wording.plural(files, 'file')}"
                 ),
                 resource=name,
                 rows=rows,
@@ -304,7 +304,7 @@ class Runner:
         key = SliceKey(
             a.pipeline.name, a.lease.run_id, name, window.index if window else 0, a.lease.epoch
         )
-        state = progress.resource_state(a.checkpoint, name)
+        state = checkpoints.resource_state(a.checkpoint, name)
         since = state["since"] if "since" in state else a.previous_marks.get(name)
         context = ReadContext(
             log=a.log,
@@ -319,7 +319,7 @@ class Runner:
                 self._check(a)
             stats = staged.seal()
             seconds = time.monotonic() - started
-            checkpoint = progress.record_slice(
+            checkpoint = checkpoints.record_slice(
                 a.checkpoint,
                 name,
                 index=key.index,
@@ -335,7 +335,7 @@ class Runner:
                 emit = lambda: a.log.info(  # noqa: E731 - reads best next to its use
                     Event.SLICE_COMPLETED,
                     message=(
-                        f"Slice {window.index}/{window.total}: {progress.plural(stats.rows, 'row')}"
+                        f"Slice {window.index}/{window.total}: {wording.plural(stats.rows, 'row')}"
                     ),
                     resource=name,
                     slice=window.index,
@@ -453,7 +453,7 @@ class Runner:
             Status.SUCCEEDED,
             lambda: a.log.info(
                 Event.RUN_COMPLETED,
-                message=f"Run completed successfully in {progress.format_duration(elapsed)}",
+                message=f"Run completed successfully in {wording.format_duration(elapsed)}",
                 duration_seconds=round(elapsed, 3),
                 **totals,
             ),

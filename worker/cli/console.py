@@ -14,9 +14,9 @@ from rich.text import Text
 
 from worker import jsonfmt, telemetry
 from worker.models import Entry, Level, Run, Status
-from worker.progress import format_count, format_duration
 from worker.runlog import escape_controls
 from worker.store import Store, utcnow
+from worker.wording import format_count, format_duration
 
 _LEVEL_STYLE = {
     Level.DEBUG: "dim",

@@ -1,30 +1,9 @@
-"""Pure decisions and wording for a run's progress: resume points and human messages."""
+"""Checkpoint decisions, pure over the checkpoint dict: where a run resumes, what a committed
+slice or resource records, and the totals so far."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def format_count(value: int) -> str:
-    """``12500`` → ``12,500``."""
-    return f"{value:,}"
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 file``, ``3 files``, ``12,500 rows``."""
-    return f"{format_count(count)} {noun if count == 1 else noun + 's'}"
-
-
-def format_duration(seconds: float) -> str:
-    """``15300`` → ``4h 15m``; ``125`` → ``2m 5s``; ``3.25`` → ``3.2s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s"
 
 
 def resource_state(checkpoint: dict[str, Any], resource: str) -> dict[str, Any]:

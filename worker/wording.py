@@ -1,0 +1,25 @@
+"""How counts and durations read in messages and tables: ``1,000 rows``, ``1m 6s``."""
+
+from __future__ import annotations
+
+
+def format_count(value: int) -> str:
+    """``12500`` → ``12,500``."""
+    return f"{value:,}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``3 files``, ``12,500 rows``."""
+    return f"{format_count(count)} {noun if count == 1 else noun + 's'}"
+
+
+def format_duration(seconds: float) -> str:
+    """``15300`` → ``4h 15m``; ``125`` → ``2m 5s``; ``3.25`` → ``3.2s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s"
