@@ -27,6 +27,7 @@ from tests.acceptance.harness import (
 )
 from tests.conftest import require
 from worker import control
+from worker.errors import IllegalTransition
 from worker.models import Entry, Status
 
 pytestmark = pytest.mark.acceptance
@@ -205,10 +206,11 @@ def test_cancel_while_queued_and_while_running(cluster: Cluster) -> None:
     assert entries[-1].worker_id == "a"
     done = run.checkpoint["resources"]["events"]["next_slice"] - 1
     assert slice_counts(entries) == {i: 1 for i in range(1, done + 1)}
-    time.sleep(2)  # the worker would have gone on writing by now if it could
+    # The task has returned: nothing of this run can be written after this line.
+    wait_for(lambda: "succeeded in" in a.log() and "'cancelled'" in a.log(), "the task to return")
     assert cluster.entries(run_id) == entries
     assert temp_files(cluster) == []
-    with pytest.raises(Exception, match="already ended"):
+    with pytest.raises(IllegalTransition, match="already ended"):
         control.cancel(cluster.store, run_id)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -13,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.acceptance.harness import wait_for
 from tests.extract.conftest import RecordingLog
 from worker.destinations import SliceKey, build_destination
 from worker.destinations.postgres import PostgresDestination
@@ -142,8 +142,19 @@ def test_writers_of_one_slice_take_turns(
 
     thread = threading.Thread(target=newer)
     thread.start()
-    time.sleep(0.3)
-    assert not done.is_set()  # blocked on the older transaction's claim
+    # The newer writer waits on the older transaction's claim: seen as a lock wait in the
+    # server's own activity view, not inferred from a pause.
+    wait_for(
+        lambda: (
+            look.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()[0]  # type: ignore[index]
+            >= 1
+        ),
+        "the newer writer to wait on the older claim",
+    )
+    assert not done.is_set()
     old.publish()
     thread.join(10)
     assert done.is_set()
