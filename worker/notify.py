@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 import redis.asyncio as aioredis
@@ -26,8 +26,10 @@ log = logging.getLogger("quarry.notify")
 class Publisher:
     """Announces, after commit, the runs that got new entries."""
 
-    def __init__(self, url: str) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
+        self._client = client or redis.Redis.from_url(
+            url, socket_timeout=1, socket_connect_timeout=1
+        )
 
     def __call__(self, run_ids: Iterable[str]) -> None:
         """Publish each run id once."""
@@ -44,8 +46,10 @@ class Publisher:
 class Wakeups:
     """One subscription per API process, fanned out to the streams of each run."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect: Callable[[], aioredis.Redis] | None = None) -> None:
         self._url = url
+        #: Opens the subscription's client (a test passes a fakeredis double).
+        self._connect = connect or (lambda: aioredis.Redis.from_url(self._url))
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -79,7 +83,7 @@ class Wakeups:
         delay = 1.0
         while True:
             try:
-                client = aioredis.Redis.from_url(self._url)
+                client = self._connect()
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL)
                     if lost:
