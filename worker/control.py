@@ -12,6 +12,7 @@ from worker.models import Event, Level, NewEntry, Run, Status
 from worker.pipelines import get_pipeline
 from worker.scrub import scrubber
 from worker.settings import Settings
+from worker.sources import check_params
 from worker.store import Store
 
 #: The worker id of entries written by operator actions.
@@ -29,13 +30,16 @@ def trigger(
 ) -> Run:
     """Create a queued run and publish its wake-up; a failed publish cancels the run.
 
-    The pipeline is validated first, so a broken file fails here, not in a worker.
+    The pipeline is validated first, and the params against its source's options, so a
+    broken file or a bad ``--param`` fails here, not in a worker.
     ``params`` are bounded (:func:`worker.limits.check_json`) and scrubbed before
     they are stored: a password passed as a parameter is never kept or shown.
     A run targeted at a gateway is not published: that gateway polls for it.
     """
     check_json(params, "params")
-    get_pipeline(settings.pipelines_file, pipeline)
+    declared = get_pipeline(settings.pipelines_file, pipeline)
+    if gateway is None:  # a gateway's runner reads its params itself
+        check_params(declared.source.type, declared.source.options(), params)
     run = store.create_run(pipeline, scrubber.data(params), gateway=gateway)
     if gateway is not None:
         return run

@@ -237,8 +237,11 @@ def test_secrets_in_params_are_never_stored_or_shown(api: Api) -> None:  # noqa:
         "url": "postgresql://u:pw-s3cret@h/db",
         "nested": {"token": "tok-abcdef123456"},
     }
+    # A gateway's runner reads its params itself: any names, scrubbed all the same.
     created = api.client.post(
-        "/api/v1/action-runs", json={"pipeline": "demo", "params": params}, headers=operator
+        "/api/v1/action-runs",
+        json={"pipeline": "demo", "params": params, "gateway": "east"},
+        headers=operator,
     )
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
@@ -424,3 +427,18 @@ def test_an_unexpected_error_is_a_json_500(sqlite_url: str, tmp_path: Path) -> N
         response = client.get("/boom")
     assert response.status_code == 500
     assert response.json() == {"error": {"status": 500, "message": "internal error"}}
+
+
+def test_params_are_checked_against_the_source_when_triggered(api: Api) -> None:  # noqa: F811
+    """A param the source would refuse is a 422 naming it, and no run is queued."""
+    operator = api.token("operator")
+    for params, field in (
+        ({"profiles": -1}, "params.profiles"),
+        ({"profilez": 3}, "params.profilez"),
+    ):
+        response = api.client.post(
+            "/api/v1/action-runs", json={"pipeline": "demo", "params": params}, headers=operator
+        )
+        assert response.status_code == 422, response.text
+        assert field in response.json()["error"]["message"]
+    assert api.store.list_runs() == []
