@@ -289,3 +289,31 @@ def test_params_are_bounded_and_scrubbed_on_trigger(env: dict[str, str]) -> None
     assert "params.x" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(store.list_runs()) == 1
+
+
+def test_errors_are_one_line_when_narrow_and_json_with_json(env: dict[str, str]) -> None:
+    """A long error stays on one line in a narrow pipe; with --json it is a JSON object."""
+    seeded_store(env)
+    narrow = {**env, "COLUMNS": "40"}
+    result = quarry(narrow, "runs", "trigger", "a-pipeline-name-that-is-long-enough-to-wrap")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for args in (("runs", "cancel", "run_nope", "--json"), ("runs", "show", "run_nope", "--json")):
+        failed = quarry(narrow, *args)
+        assert failed.returncode == 1
+        assert failed.stdout == ""
+        assert json.loads(failed.stderr) == {
+            "error": {"message": "no such run: run_nope", "exit_code": 1}
+        }
+
+
+def test_help_shows_plain_placeholders(env: dict[str, str]) -> None:
+    """Every command's help names values plainly (KEY=VALUE, RUN), never <bool> or <list[str]>."""
+    commands = [(), ("runs",), ("runs", "trigger"), ("runs", "list"), ("logs", "show")]
+    commands += [("logs", "export"), ("tokens", "create"), ("serve",), ("demo",), ("db", "upgrade")]
+    for command in commands:
+        result = quarry(env, *command, "--help")
+        assert result.returncode == 0, command
+        assert "<bool>" not in result.stdout
+        assert "<list" not in result.stdout
+    assert "--param KEY=VALUE" in quarry(env, "runs", "trigger", "--help").stdout

@@ -16,6 +16,7 @@ from worker.errors import InvalidInput, QuarryError, StoreUnavailable
 from worker.settings import get_settings
 
 app = typer.Typer(
+    rich_markup_mode=None,
     name="quarry",
     help="Quarry: SIGTERM-safe data-extraction runs on Celery.",
     no_args_is_help=True,

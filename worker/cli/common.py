@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.text import Text
 
 from worker import runtime
 from worker.cli import console as view
@@ -25,9 +27,17 @@ class UsageError(QuarryError):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print a scrubbed error and exit non-zero."""
-    err.print("[bold red]error:[/] ", end="")
-    err.print(escape_controls(scrubber.text(message)), markup=False)
+    """Print a scrubbed error on one line of stderr and exit non-zero.
+
+    With ``--json`` on the command line the error is JSON too,
+    ``{"error": {"message": …, "exit_code": N}}``, so a script parses every outcome.
+    """
+    text = scrubber.text(message)
+    if "--json" in sys.argv[1:]:
+        sys.stderr.write(view.json_text({"error": {"message": text, "exit_code": code}}) + "\n")
+    else:
+        # soft_wrap: one line however narrow the terminal, or the pipe, is.
+        err.print(Text.assemble(("error:", "bold red"), " ", escape_controls(text)), soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -11,7 +11,7 @@ from worker.cli.common import (
 from worker.settings import get_settings
 from worker.store import Store
 
-app = typer.Typer(help="The run-log store's schema.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="The run-log store's schema.", no_args_is_help=True)
 
 
 @app.command("upgrade")

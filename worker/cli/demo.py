@@ -39,7 +39,9 @@ def _demo_pipelines(settings: Settings) -> Path:
 
 
 def demo(
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Give up after this many seconds.")
+    ] = 300.0,
 ) -> None:
     """Run the demo pipeline on a real worker process and follow it live."""
     settings = get_settings()

@@ -35,7 +35,10 @@ class _DefaultToShow(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_DefaultToShow, help="Read, follow and export a run's log.", no_args_is_help=True
+    rich_markup_mode=None,
+    cls=_DefaultToShow,
+    help="Read, follow and export a run's log.",
+    no_args_is_help=True,
 )
 
 
@@ -45,17 +48,23 @@ def logs(  # noqa: PLR0917 - typer reads the options from the signature
     level: Annotated[
         str | None,
         typer.Option(
-            "--level", help="Minimum level: info, warning (= warnings and errors), error."
+            "--level",
+            metavar="LEVEL",
+            help="Minimum level: info, warning (= warnings and errors), error.",
         ),
     ] = None,
-    event: Annotated[str | None, typer.Option("--event", help="Only this event.")] = None,
+    event: Annotated[
+        str | None, typer.Option("--event", metavar="EVENT", help="Only this event.")
+    ] = None,
     follow_: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON entry per line.")] = False,
     api: Annotated[
         str | None,
-        typer.Option("--api", help="Read through this Quarry API (default: QUARRY_API_URL)."),
+        typer.Option(
+            "--api", metavar="URL", help="Read through this Quarry API (default: QUARRY_API_URL)."
+        ),
     ] = None,
 ) -> None:
     """Print a run's log entries, oldest first; the same output from the store or the API."""
@@ -119,7 +128,7 @@ def _logs_through_api(
 def logs_export(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File (default: stdout).")
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="File (default: stdout).")
     ] = None,
 ) -> None:
     """Write every entry of a run as JSON lines, for keeping past the retention period."""

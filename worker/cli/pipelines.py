@@ -14,7 +14,9 @@ from worker.cli.common import (
 from worker.pipelines import load_pipelines, plan_slices
 from worker.settings import get_settings
 
-app = typer.Typer(help="Pipelines declared in the pipelines file.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Pipelines declared in the pipelines file.", no_args_is_help=True
+)
 
 
 @app.command("list")

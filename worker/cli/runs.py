@@ -21,7 +21,9 @@ from worker.publish import publish_run
 from worker.settings import get_settings
 from worker.store import Store
 
-app = typer.Typer(help="Trigger, list, show and cancel runs.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Trigger, list, show and cancel runs.", no_args_is_help=True
+)
 
 
 def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
@@ -31,9 +33,10 @@ def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
 
 @app.command("trigger")
 def runs_trigger(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="Pipeline name.")],
     param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE run parameter.")
+        list[str] | None,
+        typer.Option("--param", "-p", metavar="KEY=VALUE", help="A run parameter (repeatable)."),
     ] = None,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Follow the run's logs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -72,10 +75,14 @@ def runs_cancel(
 @app.command("list")
 def runs_list(
     status: Annotated[
-        str | None, typer.Option("--status", help="Only runs in this status.")
+        str | None, typer.Option("--status", metavar="STATUS", help="Only runs in this status.")
     ] = None,
-    pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only this pipeline.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many.")] = 50,
+    pipeline: Annotated[
+        str | None, typer.Option("--pipeline", metavar="PIPELINE", help="Only this pipeline.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, max=1000, help="At most this many.")
+    ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List runs, newest first."""

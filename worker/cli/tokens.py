@@ -19,7 +19,9 @@ from worker.cli.common import (
 from worker.store.tokens import valid_scope
 
 app = typer.Typer(
-    help="API tokens (stored hashed; the secret is shown once).", no_args_is_help=True
+    rich_markup_mode=None,
+    help="API tokens (stored hashed; the secret is shown once).",
+    no_args_is_help=True,
 )
 
 
@@ -35,8 +37,8 @@ def _check_scope(scope: str) -> str:
 
 @app.command("create")
 def tokens_create(
-    scope: Annotated[str, typer.Option(help=_SCOPE_HELP)],
-    name: Annotated[str, typer.Option(help="A label for people.")] = "",
+    scope: Annotated[str, typer.Option(metavar="SCOPE", help=_SCOPE_HELP)],
+    name: Annotated[str, typer.Option(metavar="NAME", help="A label for people.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a token and print its secret (once: only its hash is stored)."""
