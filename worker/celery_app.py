@@ -25,7 +25,7 @@ REDIS_VISIBILITY_TIMEOUT = 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings as the runtime needs them (documented in the README)."""
+    """Celery settings as the runtime needs them (documented in docs/operations.md)."""
     broker = settings.celery_broker_url
     transport: dict[str, Any] = {}
     if broker.startswith(("redis://", "rediss://", "unix://")):
@@ -70,7 +70,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
         },
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
-        # Worker shutdown, see worker/signals.py and the README's operations section:
+        # Worker shutdown, see worker/signals.py and docs/operations.md:
         # SIGTERM (warm) -> runs stop at a safe point; after shutdown_grace_seconds the
         # worker escalates to a cold shutdown that waits soft_shutdown_seconds at most.
         "worker_soft_shutdown_timeout": settings.soft_shutdown_seconds,

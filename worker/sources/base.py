@@ -2,7 +2,7 @@
 
 A source is one class with ``read`` and ``close`` and a factory that builds it
 from the pipeline's ``[source]`` table (secret references already resolved)
-merged with the run's params. See the README's "Writing a source" guide.
+merged with the run's params. See "Writing a source" in docs/pipelines.md.
 """
 
 from __future__ import annotations
