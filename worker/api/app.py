@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.wakeups.start()
         app.state.feeds = stream.Feeds(app.state.store, app.state.wakeups)
         # Everything loaded so far lives as long as the process: out of the collector's
-        # sight, a full collection no longer walks it (it stalled a page for 60-90 ms).
+        # sight, a full collection no longer walks it (one stalls a page while it runs).
         gc.collect()
         gc.freeze()
         try:
