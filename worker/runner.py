@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from worker import checkpoints, wording
@@ -64,6 +65,8 @@ class _Attempt:
     telemetry: Telemetry
     heartbeat: Heartbeat
     started: float
+    #: When the run first started (its first attempt), for the run's whole duration.
+    first_started: datetime
     #: High-water marks (JSON-encoded) of the last successful run, by resource.
     previous_marks: dict[str, Any] = field(default_factory=dict)
 
@@ -114,7 +117,14 @@ class Runner:
         try:
             pipeline = get_pipeline(self.settings.pipelines_file, run.pipeline)
             attempt = _Attempt(
-                lease, log, pipeline, run.checkpoint, telemetry, heartbeat, time.monotonic()
+                lease,
+                log,
+                pipeline,
+                run.checkpoint,
+                telemetry,
+                heartbeat,
+                time.monotonic(),
+                run.started_at or datetime.now(UTC),
             )
             return self._run(attempt, run.params)
         except LeaseLost:
@@ -174,8 +184,7 @@ class Runner:
                 Event.EXTRACTION_COMPLETED,
                 message=(
                     f"Extracted {wording.plural(len(names), 'resource')}: "
-                    f"{wording.plural(totals['rows'], 'row')}, "
-                    f"{wording.plural(totals['files'], 'file')}"
+                    f"{wording.tally(totals['rows'], totals['files'])}"
                 ),
                 resources=len(names),
                 **totals,
@@ -267,10 +276,7 @@ class Runner:
             a,
             lambda: a.log.info(
                 Event.RESOURCE_COMPLETED,
-                message=(
-                    f"Completed {name}: {wording.plural(rows, 'row')}, "
-                    f"{wording.plural(files, 'file')}"
-                ),
+                message=(f"Completed {name}: {wording.tally(rows, files)}"),
                 resource=name,
                 rows=rows,
                 files=files,
@@ -447,14 +453,24 @@ class Runner:
 
     def _complete(self, a: _Attempt, totals: dict[str, int]) -> None:
         elapsed = time.monotonic() - a.started
+        # The run's duration is one figure everywhere: from its first start to its end,
+        # what `quarry runs show` calls "took"; this attempt's own time is said apart.
+        total = max((datetime.now(UTC) - a.first_started).total_seconds(), elapsed)
+        message = f"Run completed successfully in {wording.format_duration(total)}"
+        if a.lease.attempt > 1:
+            message += (
+                f" from its first start (attempt {a.lease.attempt} took "
+                f"{wording.format_duration(elapsed)})"
+            )
         a.telemetry.set(current_phase=Phase.COMPLETED, progress=100.0, current_resource=None)
         self._finish(
             a.lease,
             Status.SUCCEEDED,
             lambda: a.log.info(
                 Event.RUN_COMPLETED,
-                message=f"Run completed successfully in {wording.format_duration(elapsed)}",
-                duration_seconds=round(elapsed, 3),
+                message=message,
+                duration_seconds=round(total, 3),
+                attempt_seconds=round(elapsed, 3),
                 **totals,
             ),
             telemetry=a.telemetry,

@@ -23,3 +23,8 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m {secs}s"
+
+
+def tally(rows: int, files: int) -> str:
+    """``1,000 rows, 3 files``; a destination that writes no files (a table) says rows only."""
+    return f"{plural(rows, 'row')}, {plural(files, 'file')}" if files else plural(rows, "row")

@@ -17,6 +17,9 @@ def test_trigger_needs_an_operator_and_a_known_pipeline(api: Api) -> None:  # no
     unknown = api.client.post("/api/v1/action-runs", json={"pipeline": "nope"}, headers=operator)
     assert unknown.status_code == 404
     assert "unknown pipeline 'nope'" in unknown.json()["error"]["message"]
+    # The file is named, never where the server keeps it.
+    assert "pipelines.toml" in unknown.json()["error"]["message"]
+    assert "/" not in unknown.json()["error"]["message"]
     created = api.client.post(
         "/api/v1/action-runs",
         json={"pipeline": "demo", "params": {"profiles": 3}},

@@ -317,3 +317,25 @@ def test_help_shows_plain_placeholders(env: dict[str, str]) -> None:
         assert "<bool>" not in result.stdout
         assert "<list" not in result.stdout
     assert "--param KEY=VALUE" in quarry(env, "runs", "trigger", "--help").stdout
+
+
+def test_tables_keep_ids_whole_at_80_columns(env: dict[str, str]) -> None:
+    """At 80 columns a run id and a token id print whole; lesser columns give way."""
+    store, run_id = seeded_store(env)
+    token, _ = store.create_token("gateway:a-rather-long-gateway-name", "a label for people")
+    narrow = {**env, "COLUMNS": "80"}
+    runs = quarry(narrow, "runs", "list")
+    assert run_id in runs.stdout
+    assert all(len(line) <= 80 for line in runs.stdout.splitlines())
+    tokens = quarry(narrow, "tokens", "list")
+    assert token.id in tokens.stdout
+    assert all(len(line) <= 80 for line in tokens.stdout.splitlines())
+
+
+def test_db_upgrade_says_what_it_did(env: dict[str, str]) -> None:
+    """On an empty database it says it created the tables; again, that it was current."""
+    created = quarry(env, "db", "upgrade")
+    assert created.returncode == 0
+    assert "created the store's tables" in created.stdout
+    again = quarry(env, "db", "upgrade")
+    assert "already at the newest schema" in again.stdout

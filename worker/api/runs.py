@@ -31,6 +31,7 @@ from worker.errors import (
 from worker.limits import BoundedJson
 from worker.models import Run, Status
 from worker.publish import publish_run
+from worker.settings import Settings
 
 #: A runs-page cursor names a run; one this token cannot see answers as an unknown one does.
 _NO_CURSOR_RUN = "cursor: no such run in this view (a cursor is the last run id of a page)"
@@ -88,7 +89,7 @@ def trigger(
             db, settings, publish_run, body.pipeline, body.params, gateway=body.gateway
         )
     except QuarryError as exc:
-        raise HTTPException(_status_of(exc), str(exc)) from None
+        raise HTTPException(_status_of(exc), _without_paths(str(exc), settings)) from None
     return json_body(run.as_dict(), 201)
 
 
@@ -153,6 +154,17 @@ def agent_runs(db: StoreDep, token: ReporterDep, q: Annotated[AgentQuery, Query(
     except RunNotFound:
         raise HTTPException(404, _NO_CURSOR_RUN) from None
     return _page(runs, q.limit)
+
+
+def _without_paths(message: str, settings: Settings) -> str:
+    """``message`` with the server's pipelines file named by its file name only: a client
+    learns which file, never where the server keeps it."""
+    path = settings.pipelines_file
+    for shown in sorted(
+        {str(path.resolve()), str(path.absolute()), str(path)}, key=len, reverse=True
+    ):
+        message = message.replace(shown, path.name)
+    return message
 
 
 def _status_of(exc: QuarryError) -> int:

@@ -78,7 +78,8 @@ def plain(value: str) -> Text:
 
 
 def run_duration(run: Run) -> str:
-    """How long the run has taken so far (or took)."""
+    """How long the run has taken so far (or took): from its first start to its end, across
+    every attempt, the figure its ``run_completed`` line gives too."""
     if run.started_at is None:
         return "-"
     end = run.finished_at or utcnow()
@@ -90,36 +91,78 @@ def status_text(status: Status) -> Text:
     return Text(status.value, style=_STATUS_STYLE.get(status, ""))
 
 
-def plain_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
-    """A borderless table; every cell's control characters escaped."""
-    table = Table(show_edge=False, header_style="bold")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(plain(cell) for cell in row))
-    return table
+#: What a column costs besides its cells: a space each side and the separator.
+_COLUMN_OVERHEAD = 3
+#: The narrowest a wrapping column gets before it is dropped instead.
+_MIN_WRAPPED = 10
 
 
-def runs_table(runs: list[Run]) -> Table:
-    """Runs as a table; every value from the store as plain text."""
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("run", "pipeline", "status", "attempt", "progress", "rows", "created", "took"):
-        table.add_column(
-            column, justify="right" if column in {"attempt", "progress", "rows"} else "left"
+def table(
+    columns: list[tuple[str, list[str | Text]]],
+    *,
+    width: int,
+    keep: int = 1,
+    right: frozenset[str] = frozenset(),
+) -> Table:
+    """A borderless table that fits ``width`` by dropping columns, never by cutting ids.
+
+    ``columns`` are ``(header, cells)`` in priority order: the first ``keep`` are
+    always shown whole (ids, names a person copies), the rest are dropped from the
+    last while even their narrowest (wrapped) width would not fit, as ``gh`` does.
+    """
+
+    def measure(header: str, cells: list[str | Text]) -> int:
+        return max(
+            [len(header), *(Text(c).cell_len if isinstance(c, str) else c.cell_len for c in cells)]
         )
-    for run in runs:
-        summary = run.telemetry_summary
-        table.add_row(
-            plain(run.id),
-            plain(run.pipeline),
-            status_text(run.status),
-            str(run.attempt),
-            f"{telemetry.progress(summary):.0f}%",
-            format_count(telemetry.counter(summary, "rows_loaded")),
-            run.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            run_duration(run),
+
+    def least(index: int, header: str, cells: list[str | Text]) -> int:
+        # A kept column needs all of its width; another may wrap down to a short word.
+        natural = measure(header, cells)
+        return natural if index < keep else min(natural, max(len(header), _MIN_WRAPPED))
+
+    shown = list(columns)
+    while len(shown) > keep and (
+        sum(least(i, *c) + _COLUMN_OVERHEAD for i, c in enumerate(shown)) > width
+    ):
+        shown.pop()
+    result = Table(show_edge=False, header_style="bold")
+    for index, (header, cells) in enumerate(shown):
+        whole = index < keep
+        result.add_column(
+            header,
+            justify="right" if header in right else "left",
+            no_wrap=whole,
+            min_width=measure(header, cells) if whole else None,
         )
-    return table
+    for row in zip(*(cells for _, cells in shown), strict=True):
+        result.add_row(*(plain(c) if isinstance(c, str) else c for c in row))
+    return result
+
+
+def plain_table(
+    columns: tuple[str, ...], rows: list[tuple[str, ...]], *, width: int, keep: int = 1
+) -> Table:
+    """Rows as a table that fits ``width``; the first ``keep`` columns are kept whole."""
+    return table(
+        [(name, [row[i] for row in rows]) for i, name in enumerate(columns)], width=width, keep=keep
+    )
+
+
+def runs_table(runs: list[Run], *, width: int) -> Table:
+    """Runs as a table that fits ``width``: run id, pipeline and status always whole."""
+    summaries = [run.telemetry_summary for run in runs]
+    columns: list[tuple[str, list[str | Text]]] = [
+        ("run", [run.id for run in runs]),
+        ("pipeline", [run.pipeline for run in runs]),
+        ("status", [status_text(run.status) for run in runs]),
+        ("took", [run_duration(run) for run in runs]),
+        ("rows", [format_count(telemetry.counter(s, "rows_loaded")) for s in summaries]),
+        ("progress", [f"{telemetry.progress(s):.0f}%" for s in summaries]),
+        ("attempt", [str(run.attempt) for run in runs]),
+        ("created", [run.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") for run in runs]),
+    ]
+    return table(columns, width=width, keep=3, right=frozenset({"attempt", "progress", "rows"}))
 
 
 def run_panel(run: Run) -> Table:
@@ -141,7 +184,10 @@ def run_panel(run: Run) -> Table:
         ("files", format_count(telemetry.counter(summary, "files_written"))),
         ("checkpoint", plain(json_text(position)) if position else "-"),
         ("created", run.created_at.isoformat()),
-        ("took", run_duration(run)),
+        (
+            "took",
+            f"{run_duration(run)} from its first start" if run.attempt > 1 else run_duration(run),
+        ),
     ]
     if run.gateway:
         rows.append(("gateway", plain(run.gateway)))

@@ -57,5 +57,6 @@ def pipelines_list(
                 )
                 for r in rows
             ],
+            width=out.width,
         )
     )

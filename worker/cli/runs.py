@@ -98,7 +98,7 @@ def runs_list(
     if as_json:
         print_json([r.as_dict() for r in runs])
     elif runs:
-        out.print(view.runs_table(runs))
+        out.print(view.runs_table(runs, width=out.width))
     else:
         out.print("no runs")
 

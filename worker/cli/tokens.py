@@ -72,11 +72,12 @@ def tokens_list(
         return
     out.print(
         view.plain_table(
-            ("id", "name", "scope", "created", "revoked"),
+            ("id", "scope", "name", "created", "revoked"),
             [
-                (r["id"], str(r["name"]), r["scope"], r["created_at"], r["revoked_at"] or "-")
+                (r["id"], r["scope"], str(r["name"]), r["created_at"], r["revoked_at"] or "-")
                 for r in rows
             ],
+            width=out.width,
         )
     )
 

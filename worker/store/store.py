@@ -157,9 +157,11 @@ class Store(
 
     # -- schema ---------------------------------------------------------------
 
-    def upgrade(self) -> None:
-        """Apply Alembic migrations up to head."""
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Apply Alembic migrations up to head; returns the revisions before and after."""
+        before = migrate.current_revision(self.engine)
         migrate.upgrade(self.engine)
+        return before, migrate.current_revision(self.engine)
 
     def schema_is_current(self) -> bool:
         """Whether the schema is at the newest migration."""
