@@ -11,6 +11,7 @@ import pytest
 
 from scheduler import watchdog
 from tests.acceptance.harness import Cluster, expected_rows, temp_files, wait_for, written_rows
+from worker import testing
 from worker.models import Status
 
 pytestmark = pytest.mark.acceptance
@@ -151,7 +152,7 @@ def test_run_restarted_from_checkpoint_skips_what_was_done(cluster: Cluster) -> 
     a.signal_group(signal.SIGKILL)
     a.proc.wait(timeout=10)
     committed = cluster.store.get_run(run_id).checkpoint["resources"]["events"]["next_slice"] - 1
-    wait_for(cluster.store.expired_runs, "the dead worker's lease to expire")
+    wait_for(lambda: testing.expired_runs(cluster.store), "the dead worker's lease to expire")
     recovered = watchdog.sweep(cluster.store, cluster.publish_resumed, max_attempts=3)
     assert [d.run.id for d in recovered] == [run_id]
     cluster.worker("b")
@@ -178,7 +179,7 @@ def test_worker_whose_lease_was_taken_over_writes_nothing(pg_cluster: Cluster) -
     wait_for(lambda: cluster.slices_done(run_id) >= 3, "three committed slices")
     a.signal_group(signal.SIGSTOP)
     try:
-        wait_for(cluster.store.expired_runs, "the frozen worker's lease to expire")
+        wait_for(lambda: testing.expired_runs(cluster.store), "the frozen worker's lease to expire")
         assert watchdog.sweep(cluster.store, cluster.publish_resumed, max_attempts=3)
         takeover = max(e.id for e in cluster.entries(run_id))
         cluster.worker("b")
