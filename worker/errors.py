@@ -15,7 +15,19 @@ def first_line(exc: BaseException) -> str:
 
 
 class QuarryError(Exception):
-    """Base of every error Quarry raises on purpose."""
+    """Base of every error Quarry raises on purpose.
+
+    ``retryable`` says whether trying again later may succeed (a connection refused,
+    a server that kept failing); a pipeline's retry policy retries only those.
+    Configuration, credential and data errors never are.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, *args: object, retryable: bool | None = None) -> None:
+        super().__init__(*args)
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ConfigError(QuarryError):
@@ -32,6 +44,8 @@ class InvalidInput(QuarryError):
 
 class StoreUnavailable(QuarryError):
     """The run-log store cannot be reached (a restart, a failover, a network fault)."""
+
+    retryable = True
 
 
 class RunNotFound(QuarryError):
@@ -52,6 +66,27 @@ class SourceError(QuarryError):
 
 class DestinationError(QuarryError):
     """A destination could not write a slice."""
+
+
+class StallTimeout(SourceError):
+    """A source produced no page within the pipeline's ``page_timeout``."""
+
+    retryable = True
+
+
+class RunTimeout(QuarryError):
+    """An attempt ran longer than the pipeline's ``run_timeout``."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a retry policy may try ``exc``'s run again: a transient fault, not a mistake.
+
+    Quarry's own errors say so themselves; an ``OSError`` that escaped (a connection
+    reset, a timeout) is transient by nature.
+    """
+    if isinstance(exc, QuarryError):
+        return exc.retryable
+    return isinstance(exc, OSError)
 
 
 class StopRequested(QuarryError):

@@ -106,6 +106,8 @@ class Event(enum.StrEnum):
     LOG_TRUNCATED = "log_truncated"
     SCHEMA_CHANGED = "schema_changed"
     SOURCE_RETRY = "source_retry"
+    RUN_RETRY = "run_retry"
+    RUN_WAITING = "run_waiting"
 
 
 #: Events after which a run's log gets no more entries until it is re-queued.
@@ -137,6 +139,24 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    #: How the run started: ``manual``, ``schedule`` or ``backfill`` (:class:`Trigger`).
+    trigger: str = "manual"
+    #: Who triggered it: the API token's name, ``cli``, or None for the schedule.
+    triggered_by: str | None = None
+    fire_time: datetime | None = None
+    interval_start: datetime | None = None
+    interval_end: datetime | None = None
+    #: A run waiting for its retry is not taken before this.
+    not_before: datetime | None = None
+    #: Attempts that were retries; ``attempt - 1 - retries`` were crash recoveries.
+    retries: int = 0
+    #: The run this queued run waits for under ``max_active_runs``.
+    waiting_for: str | None = None
+
+    @property
+    def recoveries(self) -> int:
+        """Attempts that followed a crash or an interruption's expired lease."""
+        return max(self.attempt - 1 - self.retries, 0)
 
     def as_dict(self) -> dict[str, Any]:
         """The run in the documented JSON shape (API, webhooks, ``--json``): no lease internals
@@ -157,7 +177,28 @@ class Run:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "trigger": self.trigger,
+            "triggered_by": self.triggered_by,
+            "fire_time": _iso(self.fire_time),
+            "interval_start": _iso(self.interval_start),
+            "interval_end": _iso(self.interval_end),
+            "not_before": _iso(self.not_before),
+            "retries": self.retries,
+            "recoveries": self.recoveries,
+            "waiting_for": self.waiting_for,
         }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+class Trigger(enum.StrEnum):
+    """How a run started."""
+
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+    BACKFILL = "backfill"
 
 
 @dataclass(frozen=True, slots=True)

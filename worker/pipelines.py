@@ -7,13 +7,14 @@ the pipeline and the field.
 
 from __future__ import annotations
 
+import enum
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -28,11 +29,14 @@ from pydantic import (
 
 from worker.errors import ConfigError, InvalidInput, UnknownPipeline
 from worker.limits import check_json
+from worker.schedules import Schedule, check_timezone
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 _Options = TypeVar("_Options", bound=BaseModel)
+#: Longest duration a pipeline setting accepts.
+MAX_DURATION = timedelta(days=30)
 
 
 def parse_duration(value: str | int | float | timedelta) -> timedelta:
@@ -52,14 +56,16 @@ class SliceSpec(BaseModel):
     """Windows a resource is extracted in: ``[start, end)`` in steps.
 
     Either time windows (``start``/``end`` datetimes, ``step`` a duration such as
-    ``1h``) or integer windows (``start``/``end``/``step`` integers, for an id or
-    sequence column).
+    ``1h``), integer windows (``start``/``end``/``step`` integers, for an id or
+    sequence column), or ``window = "interval"``: the run's own data interval
+    (scheduled pipelines), in ``step``-long windows.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start: int | datetime
-    end: int | datetime
+    window: Literal["interval"] | None = None
+    start: int | datetime | None = None
+    end: int | datetime | None = None
     step: int | timedelta
 
     @field_validator("step", mode="before")
@@ -72,13 +78,24 @@ class SliceSpec(BaseModel):
 
     @field_validator("start", "end")
     @classmethod
-    def _utc(cls, value: int | datetime) -> int | datetime:
+    def _utc(cls, value: int | datetime | None) -> int | datetime | None:
         if isinstance(value, datetime) and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
 
     @model_validator(mode="after")
     def _ordered(self) -> SliceSpec:
+        if self.window == "interval":
+            if self.start is not None or self.end is not None:
+                msg = 'window = "interval" takes its bounds from the run: drop start and end'
+                raise ValueError(msg)
+            if not isinstance(self.step, timedelta) or self.step <= timedelta(0):
+                msg = 'window = "interval" needs a positive duration step, like "1h"'
+                raise ValueError(msg)
+            return self
+        if self.start is None or self.end is None:
+            msg = 'start and end are required (or window = "interval")'
+            raise ValueError(msg)
         integer = [isinstance(v, int) for v in (self.start, self.end, self.step)]
         if any(integer) and not all(integer):
             msg = "start, end and step must all be integers, or datetimes and a duration"
@@ -111,15 +128,37 @@ class Window:
     end: Bound
 
 
-def plan_slices(spec: SliceSpec) -> list[Window]:
-    """Every window of ``spec``, in order; the last one ends at ``spec.end``."""
+def plan_slices(spec: SliceSpec, interval: tuple[datetime, datetime] | None = None) -> list[Window]:
+    """Every window of ``spec``, in order; the last one ends at the spec's (or the
+    ``interval``'s, for ``window = "interval"``) end."""
+    start: Any = spec.start
+    end: Any = spec.end
+    if spec.window == "interval":
+        if interval is None:
+            msg = 'slices.window = "interval": this run has no data interval'
+            raise ConfigError(msg)
+        start, end = interval
     bounds: list[tuple[Any, Any]] = []
-    cursor: Any = spec.start
-    while cursor < spec.end:
-        upper = min(cursor + spec.step, spec.end)
+    cursor: Any = start
+    while cursor < end:
+        upper = min(cursor + spec.step, end)
         bounds.append((cursor, upper))
         cursor = upper
     return [Window(i, len(bounds), lo, hi) for i, (lo, hi) in enumerate(bounds, start=1)]
+
+
+class WriteMode(enum.StrEnum):
+    """How a resource's rows land in the destination (see docs/pipelines.md, "Write modes").
+
+    - ``append``: every run adds its rows; a redone slice replaces its own rows.
+    - ``replace``: the run's rows replace the table (or file set) at once when it succeeds.
+    - ``merge``: rows are upserted on ``primary_key``; a later run's row updates, never
+      duplicates.
+    """
+
+    APPEND = "append"
+    REPLACE = "replace"
+    MERGE = "merge"
 
 
 class ResourceConfig(BaseModel):
@@ -130,6 +169,30 @@ class ResourceConfig(BaseModel):
     name: str = Field(pattern=_NAME)
     slices: SliceSpec | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    write_mode: WriteMode = WriteMode.APPEND
+    #: The key ``merge`` upserts on: one column or several.
+    primary_key: list[str] = Field(default_factory=list, max_length=32)
+    #: ``merge`` only: a boolean column whose true value deletes the key's row.
+    hard_delete: str | None = None
+    #: What a run that ends failed or cancelled leaves of an ``append``: its committed
+    #: slices (``keep``) or nothing (``remove``). ``replace`` always leaves nothing.
+    on_failure: Literal["keep", "remove"] = "keep"
+
+    @field_validator("primary_key", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _write_fields(self) -> ResourceConfig:
+        if self.write_mode is WriteMode.MERGE and not self.primary_key:
+            raise ValueError('write_mode = "merge" needs a primary_key (a column or a list)')
+        if self.write_mode is not WriteMode.MERGE and (self.primary_key or self.hard_delete):
+            field = "primary_key" if self.primary_key else "hard_delete"
+            raise ValueError(f'{field} applies to write_mode = "merge" only')
+        if self.on_failure == "remove" and self.write_mode is not WriteMode.APPEND:
+            raise ValueError('on_failure applies to write_mode = "append" only')
+        return self
 
 
 class PluginConfig(BaseModel):
@@ -154,6 +217,47 @@ class Pipeline(BaseModel):
     source: PluginConfig
     resources: list[ResourceConfig] = Field(min_length=1)
     destination: PluginConfig = PluginConfig(type="files")
+    #: Cron expression (5 fields, 6 with seconds first, or ``@hourly``-style); None: manual only.
+    schedule: str | None = None
+    #: The IANA zone ``schedule`` is read in.
+    timezone: str = "UTC"
+    #: After beat was down: one run per missed interval (True) or one for the latest (False).
+    catchup: bool = False
+    #: Most missed intervals caught up at once (the newest ones).
+    max_catchup: int = Field(default=100, ge=1, le=10_000)
+    #: Runs of this pipeline that may have started and not ended at once.
+    max_active_runs: int = Field(default=1, ge=1, le=1000)
+    #: Times a run failing on a transient error is tried again, from its checkpoint.
+    retries: int = Field(default=0, ge=0, le=100)
+    #: First retry's delay; each next one doubles, with jitter, up to ``retry_max_delay``.
+    retry_delay: timedelta = timedelta(seconds=30)
+    retry_max_delay: timedelta = timedelta(hours=1)
+    #: Longest one attempt may run before it fails.
+    run_timeout: timedelta = timedelta(hours=24)
+    #: Longest a source may take to produce one page before the slice fails.
+    page_timeout: timedelta = timedelta(minutes=10)
+
+    @field_validator("retry_delay", "retry_max_delay", "run_timeout", "page_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        duration = parse_duration(value)
+        if duration <= timedelta(0) or duration > MAX_DURATION:
+            msg = f"must be positive and at most {MAX_DURATION.days} days"
+            raise ValueError(msg)
+        return duration
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            Schedule(value)  # the expression alone; the zone is checked as its own field
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        check_timezone(value)
+        return value
 
     @model_validator(mode="after")
     def _unique_resources(self) -> Pipeline:
@@ -162,7 +266,20 @@ class Pipeline(BaseModel):
         if duplicates:
             msg = f"duplicate resource names: {', '.join(duplicates)}"
             raise ValueError(msg)
+        if self.schedule is None:
+            for resource in self.resources:
+                if resource.slices is not None and resource.slices.window == "interval":
+                    msg = (
+                        f"resources.{resource.name}.slices.window: \"interval\" needs "
+                        "the pipeline's schedule (a data interval comes from one)"
+                    )
+                    raise ValueError(msg)
         return self
+
+    @property
+    def cron(self) -> Schedule | None:
+        """The schedule, parsed; None for a pipeline that only runs when triggered."""
+        return None if self.schedule is None else Schedule(self.schedule, self.timezone)
 
 
 def option_errors(prefix: str, error: ValidationError) -> str:
@@ -212,8 +329,30 @@ def _read(path: Path) -> dict[str, Any]:
     return document
 
 
+#: The last file read, by path: (mtime_ns, size, pipelines). Pipelines are immutable.
+_LOADED: dict[Path, tuple[int, int, dict[str, Pipeline]]] = {}
+
+
 def load_pipelines(path: Path) -> dict[str, Pipeline]:
-    """Every pipeline in the file, validated; raises :class:`ConfigError` naming the field."""
+    """Every pipeline in the file, validated; raises :class:`ConfigError` naming the field.
+
+    The parsed file is reused while its modification time and size are unchanged: the
+    schedule tick and every run read it, and a thousand pipelines take a while to parse.
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    cached = _LOADED.get(path)
+    if stat is not None and cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+        return dict(cached[2])
+    pipelines = _load(path)
+    if stat is not None:
+        _LOADED[path] = (stat.st_mtime_ns, stat.st_size, pipelines)
+    return dict(pipelines)
+
+
+def _load(path: Path) -> dict[str, Pipeline]:
     document = _read(path)
     declared = document.get("pipelines")
     if not isinstance(declared, dict) or not declared:

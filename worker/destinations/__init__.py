@@ -6,7 +6,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.destinations.base import Destination, SliceKey, SliceStats, StagedSlice
+from worker.destinations.base import (
+    Destination,
+    Publish,
+    RunScope,
+    SliceKey,
+    SliceStats,
+    StagedSlice,
+    WriteSpec,
+)
 from worker.destinations.files import FilesDestination
 from worker.destinations.null import NullDestination
 from worker.errors import ConfigError
@@ -29,4 +37,13 @@ def build_destination(kind: str, options: Mapping[str, Any], files_root: Path) -
     raise ConfigError(msg)
 
 
-__all__ = ["Destination", "SliceKey", "SliceStats", "StagedSlice", "build_destination"]
+__all__ = [
+    "Destination",
+    "Publish",
+    "RunScope",
+    "SliceKey",
+    "SliceStats",
+    "StagedSlice",
+    "WriteSpec",
+    "build_destination",
+]

@@ -20,7 +20,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from worker.destinations.base import SliceKey, SliceStats, StagedSlice
+from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats, StagedSlice
 from worker.errors import ConfigError, DestinationError
 from worker.pipelines import parse_options
 from worker.runlog import Logger
@@ -141,6 +141,13 @@ class FilesDestination:
         except OSError as exc:
             msg = f"cannot write under {self.root}: {exc.strerror}"
             raise DestinationError(msg) from None
+
+    def prepare_finish(self, scope: RunScope, log: Logger) -> Publish | None:
+        """Append publishes every slice as it commits: nothing is left for the run's end."""
+        return None
+
+    def abort(self, scope: RunScope, log: Logger) -> None:
+        """Append keeps a failed run's committed slices."""
 
     def describe(self) -> dict[str, Any]:
         """Kind, format and root directory."""

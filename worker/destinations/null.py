@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.destinations.base import SliceKey, SliceStats
+from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats
 from worker.runlog import Logger
 from worker.sources.base import Page
 
@@ -40,6 +40,13 @@ class NullDestination:
     def describe(self) -> dict[str, Any]:
         """Kind only."""
         return {"type": "null"}
+
+    def prepare_finish(self, scope: RunScope, log: Logger) -> Publish | None:
+        """Nothing kept, nothing to publish."""
+        return None
+
+    def abort(self, scope: RunScope, log: Logger) -> None:
+        """Nothing kept, nothing to remove."""
 
     def close(self) -> None:
         """Nothing held."""

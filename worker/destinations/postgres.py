@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from worker.destinations.base import SliceKey, SliceStats
+from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats
 from worker.errors import ConfigError, DestinationError, LeaseLost, first_line
 from worker.models import Event
 from worker.pipelines import parse_options
@@ -147,7 +147,8 @@ class PostgresDestination:
                 )
             except psycopg.Error as exc:
                 msg = f"cannot connect to {self.describe()['url']}: {first_line(exc)}"
-                raise DestinationError(scrubber.text(msg)) from None
+                refused = "authentication failed" in str(exc) or "password" in str(exc)
+                raise DestinationError(scrubber.text(msg), retryable=not refused) from None
             self._ready = False
         if not self._ready:
             self._setup(self._conn)
@@ -181,6 +182,13 @@ class PostgresDestination:
     def stage(self, key: SliceKey, log: Logger) -> StagedTable:
         """Open the slice's transaction and claim the slice under the lease epoch."""
         return StagedTable(self, key, log)
+
+    def prepare_finish(self, scope: RunScope, log: Logger) -> Publish | None:
+        """Append publishes every slice as it commits: nothing is left for the run's end."""
+        return None
+
+    def abort(self, scope: RunScope, log: Logger) -> None:
+        """Append keeps a failed run's committed slices."""
 
     def describe(self) -> dict[str, Any]:
         """Kind, server (password hidden), schema and table template."""

@@ -296,7 +296,8 @@ class HttpSource:
                     raise SourceError(scrubber.text(msg))
             if attempt == attempts:
                 msg = f"{resource}: GET {path} failed after {attempts} attempts: {problem}"
-                raise SourceError(scrubber.text(msg))
+                # The server or the network kept failing: a later run may find it back.
+                raise SourceError(scrubber.text(msg), retryable=True)
             if wait is None:
                 ceiling = min(cfg.max_backoff_seconds, cfg.backoff_seconds * 2 ** (attempt - 1))
                 wait = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto

@@ -112,7 +112,7 @@ class SqlSource:
             msg = f"{where}.table: no table {spec.table!r} in the source database"
             raise SourceError(msg) from None
         except SQLAlchemyError as exc:
-            raise SourceError(f"{where}: {_describe(exc)}") from None
+            raise SourceError(f"{where}: {_describe(exc)}", retryable=_transient(exc)) from None
         wanted = [
             *(spec.columns or []),
             *(c for c in (spec.slice_column, spec.cursor_column) if c),
@@ -184,7 +184,9 @@ class SqlSource:
                         context.observe(max(marks))
                 yield page
         except (SQLAlchemyError, psycopg.Error) as exc:
-            raise SourceError(f"{resource.name}: {_describe(exc)}") from None
+            raise SourceError(
+                f"{resource.name}: {_describe(exc)}", retryable=_transient(exc)
+            ) from None
 
     def _pages(self, stmt: sa.Select[Any], bound: dict[str, Any]) -> Iterator[RowPage]:
         """Any database: SQLAlchemy's streaming result (server-side where the driver has it)."""
@@ -250,6 +252,21 @@ _PLACEHOLDER = re.compile(r"(?<![:\w]):(window_start|window_end|since)\b")
 def placeholders(query: str) -> set[str]:
     """Which of ``:window_start``, ``:window_end`` and ``:since`` a query binds itself."""
     return set(_PLACEHOLDER.findall(query))
+
+
+#: Words of a refused login: the database is up and said no, so a retry cannot help.
+_REFUSED_LOGIN = ("authentication failed", "access denied", "password", "permission denied")
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether the database failed us (connection lost, server restarting) rather than the
+    pipeline (a bad column, a syntax error, bad credentials): only the former is retried."""
+    original = getattr(exc, "orig", None) or exc
+    operational = isinstance(original, psycopg.OperationalError) or isinstance(
+        exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError
+    )
+    text = str(original).lower()
+    return operational and not any(word in text for word in _REFUSED_LOGIN)
 
 
 def _describe(exc: Exception) -> str:

@@ -15,6 +15,8 @@ import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -40,6 +42,7 @@ from worker.models import (
     NewEntry,
     Run,
     Status,
+    Trigger,
     can_transition,
 )
 from worker.scrub import describe
@@ -54,6 +57,7 @@ from worker.store.entries import (
 )
 from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
+from worker.store.pipelines import PipelineQueries, active_runs_clause
 from worker.store.reads import EntryReads
 from worker.store.tables import run_from_row, runs
 from worker.store.tokens import TokenQueries
@@ -61,6 +65,19 @@ from worker.store.transitions import RunTransitions
 from worker.store.webhooks import WebhookQueries
 
 _log = logging.getLogger("quarry.store")
+
+#: First key of the per-pipeline advisory lock (PostgreSQL) that makes the
+#: ``max_active_runs`` count and the acquire one atomic step; the second is the
+#: pipeline name's hash. Two-key locks never collide with the one-key entry-order lock.
+PIPELINE_LOCK = 0x5152_5259
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """An acquire refused because ``max_active_runs`` runs of the pipeline are active."""
+
+    blocker: str
+    limit: int
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,6 +121,7 @@ class Store(
     MaintenanceQueries,
     WebhookQueries,
     ExternalWrites,
+    PipelineQueries,
 ):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
@@ -181,6 +199,9 @@ class Store(
         *,
         gateway: str | None = None,
         run_id: str | None = None,
+        trigger: Trigger = Trigger.MANUAL,
+        triggered_by: str | None = None,
+        interval: tuple[datetime, datetime] | None = None,
     ) -> Run:
         """Store a new ``queued`` run and return it."""
         now = utcnow()
@@ -198,6 +219,10 @@ class Store(
             "created_at": now,
             "queued_at": now,
             "updated_at": now,
+            "trigger": trigger.value,
+            "triggered_by": triggered_by,
+            "interval_start": interval[0] if interval else None,
+            "interval_end": interval[1] if interval else None,
         }
         with self._transaction() as conn:
             conn.execute(insert(runs).values(**values))
@@ -268,12 +293,23 @@ class Store(
         owner: str,
         ttl_seconds: float,
         entries: Callable[[Lease], Sequence[NewEntry]] = lambda _lease: (),
-    ) -> Lease | None:
+        *,
+        max_active: int | None = None,
+        on_wait: Callable[[str], Sequence[NewEntry]] = lambda _blocker: (),
+    ) -> Lease | Waiting | None:
         """Take the lease on a queued run; None when it is not claimable.
 
         One conditional UPDATE decides, checked by its rowcount; it bumps the
         epoch, the fencing token. ``entries`` builds the entries (such as
-        ``lease_acquired``) committed in the same transaction.
+        ``lease_acquired``) committed in the same transaction. A run waiting for
+        its retry (``not_before`` ahead) is not claimable yet.
+
+        With ``max_active``, the UPDATE also requires fewer than that many other
+        runs of the pipeline to be active (started and not ended), counted in the
+        same statement under a per-pipeline lock (PostgreSQL's advisory lock;
+        SQLite's write lock, taken at BEGIN): four workers racing for four runs
+        start exactly ``max_active`` of them. A refused run gets :class:`Waiting`,
+        its ``waiting_for`` set and, when that changed, the ``on_wait`` entries.
         """
         now = utcnow()
         stmt = (
@@ -283,6 +319,7 @@ class Store(
                 runs.c.status == Status.QUEUED.value,
                 runs.c.cancel_requested.is_(False),
                 or_(runs.c.lease_owner.is_(None), runs.c.lease_expires_at < db_epoch()),
+                or_(runs.c.not_before.is_(None), runs.c.not_before <= now),
             )
             .values(
                 status=Status.RUNNING.value,
@@ -292,16 +329,62 @@ class Store(
                 heartbeat_at=now,
                 started_at=func.coalesce(runs.c.started_at, now),
                 updated_at=now,
+                waiting_for=None,
             )
             .returning(runs.c.lease_epoch, runs.c.attempt, runs.c.lease_expires_at)
         )
         with self._transaction() as conn:
+            pipeline: str | None = None
+            if max_active is not None:
+                pipeline = conn.execute(
+                    select(runs.c.pipeline).where(runs.c.id == run_id)
+                ).scalar_one_or_none()
+                if pipeline is None:
+                    return None
+                if self.dialect == "postgresql":
+                    conn.execute(
+                        select(func.pg_advisory_xact_lock(PIPELINE_LOCK, func.hashtext(pipeline)))
+                    )
+                active, clause = active_runs_clause(runs.c.pipeline, exclude=runs.c.id)
+                count = select(func.count()).select_from(active).where(clause).scalar_subquery()
+                stmt = stmt.where(count < max_active)
             row = conn.execute(stmt).first()
             if row is None:
-                return None
+                if pipeline is None or max_active is None:
+                    return None
+                return self._waiting(conn, run_id, pipeline, max_active, on_wait)
             lease = Lease(run_id, owner, row.lease_epoch, row.attempt, row.lease_expires_at)
             self._insert_entries(conn, entries(lease))
         return lease
+
+    def _waiting(
+        self,
+        conn: Connection,
+        run_id: str,
+        pipeline: str,
+        limit: int,
+        on_wait: Callable[[str], Sequence[NewEntry]],
+    ) -> Waiting | None:
+        """Why an acquire under ``max_active_runs`` failed: Waiting if the limit held it back."""
+        current = conn.execute(
+            select(runs.c.status, runs.c.cancel_requested, runs.c.waiting_for).where(
+                runs.c.id == run_id
+            )
+        ).first()
+        if current is None or current.status != Status.QUEUED.value or current.cancel_requested:
+            return None
+        active, clause = active_runs_clause(pipeline, exclude=run_id)
+        blockers = conn.execute(
+            select(active.c.id).where(clause).order_by(active.c.started_at).limit(limit)
+        ).scalars()
+        found = list(blockers)
+        if len(found) < limit:
+            return None  # not the limit: a lease still held, a retry not yet due
+        blocker = found[0]
+        if current.waiting_for != blocker:
+            conn.execute(update(runs).where(runs.c.id == run_id).values(waiting_for=blocker))
+            self._insert_entries(conn, on_wait(blocker))
+        return Waiting(blocker, limit)
 
     def renew(
         self, lease: Lease, ttl_seconds: float, summary: dict[str, Any] | None = None
@@ -350,8 +433,13 @@ class Store(
         error_summary: str | None = None,
         checkpoint: dict[str, Any] | None = None,
         summary: dict[str, Any] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
-        """End the holder's tenure: set ``status``, release the lease, write the entries."""
+        """End the holder's tenure: set ``status``, release the lease, write the entries.
+
+        ``before_commit`` runs inside the fenced transaction (a destination's replace
+        swap): it happens if and only if this holder still owned the run.
+        """
         if not can_transition(Status.RUNNING, status) or status is Status.QUEUED:
             raise IllegalTransition(f"{Status.RUNNING} -> {status}")
         now = utcnow()
@@ -366,10 +454,44 @@ class Store(
         if error_summary is not None:
             values["error_summary"] = error_summary
         self._fenced_write(
-            lease, values, entries, checkpoint=checkpoint, summary=summary, final=True
+            lease,
+            values,
+            entries,
+            checkpoint=checkpoint,
+            summary=summary,
+            final=True,
+            before_commit=before_commit,
         )
         if status in TERMINAL:
             self._ended(lease.run_id)
+
+    def requeue_for_retry(
+        self,
+        lease: Lease,
+        entries: Sequence[NewEntry],
+        *,
+        not_before: datetime,
+        error_summary: str,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        """End the holder's attempt and queue the run's next one, due at ``not_before``.
+
+        The checkpoint stays: the retry resumes where this attempt stopped. The run
+        keeps its ``max_active_runs`` slot (it has started), so no later run overtakes it.
+        """
+        values: dict[str, Any] = {
+            "status": Status.QUEUED.value,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "attempt": runs.c.attempt + 1,
+            "retries": runs.c.retries + 1,
+            "not_before": not_before,
+            # The watchdog's lost-message clock starts when the retry is due.
+            "queued_at": not_before,
+            "error_summary": error_summary,
+            "updated_at": utcnow(),
+        }
+        self._fenced_write(lease, values, entries, checkpoint=None, summary=summary, final=True)
 
     def _fenced_write(
         self,

@@ -72,7 +72,28 @@ runs = Table(
     Column("started_at", Timestamp, nullable=True),
     Column("finished_at", Timestamp, nullable=True),
     Column("updated_at", Timestamp, nullable=False),
+    # How the run started (migration 0007): manual, schedule or backfill, and by whom.
+    Column("trigger", String(20), nullable=False, server_default="manual"),
+    Column("triggered_by", String(200), nullable=True),
+    # A scheduled or backfilled run's fire time: unique per pipeline (exactly once).
+    Column("fire_time", Timestamp, nullable=True),
+    Column("interval_start", Timestamp, nullable=True),
+    Column("interval_end", Timestamp, nullable=True),
+    # A run waiting for its retry is not taken before this.
+    Column("not_before", Timestamp, nullable=True),
+    # Attempts that were retries (the rest of attempt - 1 were crash recoveries).
+    Column("retries", Integer, nullable=False, server_default="0"),
+    # The run a queued run waits for under max_active_runs.
+    Column("waiting_for", String(64), nullable=True),
     Index("ix_runs_status_queued_at", "status", "queued_at"),
+    Index("uq_runs_pipeline_fire_time", "pipeline", "fire_time", unique=True),
+    Index(
+        "ix_runs_not_before",
+        "not_before",
+        postgresql_where=text("not_before IS NOT NULL"),
+        sqlite_where=text("not_before IS NOT NULL"),
+    ),
+    Index("ix_runs_pipeline_status", "pipeline", "status"),
     Index("ix_runs_pipeline_created_at", "pipeline", "created_at"),
     # A gateway's queue in claim order (migration 0006).
     Index("ix_runs_gateway_status_created_at", "gateway", "status", "created_at", "id"),
@@ -134,6 +155,21 @@ api_tokens = Table(
     Column("last_used_at", Timestamp, nullable=True),
 )
 
+pipeline_state = Table(
+    "pipeline_state",
+    metadata,
+    Column("pipeline", String(200), primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("paused_by", String(200), nullable=True),
+    Column("paused_at", Timestamp, nullable=True),
+    # The schedule (expression and zone) the clock below belongs to: a new one restarts it.
+    Column("schedule_key", String(300), nullable=True),
+    # Fire times after this are due (set when the schedule is first seen or resumed).
+    Column("anchor", Timestamp, nullable=True),
+    Column("last_fire", Timestamp, nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
@@ -173,4 +209,12 @@ def run_from_row(row: Any) -> Run:
         started_at=aware(row.started_at),
         finished_at=aware(row.finished_at),
         updated_at=aware(row.updated_at) or utcnow(),
+        trigger=row.trigger,
+        triggered_by=row.triggered_by,
+        fire_time=aware(row.fire_time),
+        interval_start=aware(row.interval_start),
+        interval_end=aware(row.interval_end),
+        not_before=aware(row.not_before),
+        retries=row.retries,
+        waiting_for=row.waiting_for,
     )

@@ -1,0 +1,264 @@
+"""Pipeline state and the runs the scheduler makes: fire times exactly once, due retries,
+the runs waiting under ``max_active_runs``. Mixed into ``Store``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from worker.models import NewEntry, Run, Status, Trigger
+from worker.store.engine import aware, utcnow
+from worker.store.tables import pipeline_state, run_from_row, runs
+
+#: Statuses of a run that has started and not ended; with ``started_at`` set, a
+#: ``queued`` run is between attempts (a retry, a recovery) and keeps its slot.
+ACTIVE_STATUSES = (Status.RUNNING.value, Status.INTERRUPTED.value, Status.QUEUED.value)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineState:
+    """What the store keeps about a pipeline beside the file: pause and the schedule's clock."""
+
+    pipeline: str
+    paused: bool = False
+    paused_by: str | None = None
+    paused_at: datetime | None = None
+    schedule_key: str | None = None
+    anchor: datetime | None = None
+    last_fire: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """One run the scheduler (or a backfill) asks for: its fire time and data interval."""
+
+    fire_time: datetime
+    interval_start: datetime
+    interval_end: datetime
+
+
+def active_runs_clause(pipeline: Any, exclude: Any = None) -> Any:
+    """Runs of ``pipeline`` that started and have not ended (worker runs; gateways are theirs)."""
+    alias = runs.alias("active")
+    clause = and_(
+        alias.c.pipeline == pipeline,
+        alias.c.status.in_(ACTIVE_STATUSES),
+        alias.c.started_at.is_not(None),
+        alias.c.gateway.is_(None),
+    )
+    if exclude is not None:
+        clause = and_(clause, alias.c.id != exclude)
+    return alias, clause
+
+
+class PipelineQueries:
+    """Pipeline state and scheduled runs (mixed into ``Store``)."""
+
+    _reader: Engine
+    dialect: str
+
+    if TYPE_CHECKING:
+
+        def _transaction(self) -> contextlib.AbstractContextManager[Connection]: ...
+
+        def _insert_entries(self, conn: Connection, entries: Sequence[NewEntry]) -> None: ...
+
+    # -- state ----------------------------------------------------------------
+
+    def pipeline_states(self, names: Iterable[str] | None = None) -> dict[str, PipelineState]:
+        """The stored state of ``names`` (every stored pipeline when None)."""
+        query = select(pipeline_state)
+        if names is not None:
+            query = query.where(pipeline_state.c.pipeline.in_(list(names)))
+        with self._reader.connect() as conn:
+            return {
+                row.pipeline: PipelineState(
+                    row.pipeline,
+                    bool(row.paused),
+                    row.paused_by,
+                    aware(row.paused_at),
+                    row.schedule_key,
+                    aware(row.anchor),
+                    aware(row.last_fire),
+                )
+                for row in conn.execute(query)
+            }
+
+    def _upsert_state(self, conn: Connection, pipeline: str, **values: Any) -> None:
+        values["updated_at"] = utcnow()
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        stmt = dialect.insert(pipeline_state).values(pipeline=pipeline, **values)
+        conn.execute(stmt.on_conflict_do_update(index_elements=["pipeline"], set_=values))
+
+    def start_schedule(self, pipeline: str, key: str, anchor: datetime) -> None:
+        """Start (or restart, for a changed schedule) a pipeline's clock at ``anchor``."""
+        with self._transaction() as conn:
+            self._upsert_state(conn, pipeline, schedule_key=key, anchor=anchor, last_fire=None)
+
+    def set_paused(self, pipeline: str, paused: bool, by: str | None) -> PipelineState:
+        """Pause or resume; resuming restarts the clock now, so a pause fires nothing later."""
+        now = utcnow()
+        values: dict[str, Any] = {"paused": paused, "paused_by": by if paused else None}
+        values["paused_at"] = now if paused else None
+        if not paused:
+            values["anchor"] = now
+        with self._transaction() as conn:
+            self._upsert_state(conn, pipeline, **values)
+        return self.pipeline_states([pipeline])[pipeline]
+
+    # -- runs the scheduler creates -------------------------------------------
+
+    def create_fired(
+        self,
+        pipeline: str,
+        fires: Sequence[Fire],
+        *,
+        trigger: Trigger,
+        triggered_by: str | None = None,
+        params: dict[str, Any] | None = None,
+        advance_clock: bool = False,
+    ) -> list[Run]:
+        """A queued run per fire time not yet taken; returns the runs this call created.
+
+        The unique ``(pipeline, fire_time)`` index decides: a fire time that a second
+        beat, a restarted beat or an earlier backfill already created is skipped.
+        ``advance_clock`` (the schedule's own fires) moves the pipeline's
+        ``last_fire`` in the same transaction.
+        """
+        from worker.store.store import new_run_id  # noqa: PLC0415 - store imports this mixin
+
+        if not fires:
+            return []
+        now = utcnow()
+        rows = [
+            {
+                "id": new_run_id(),
+                "pipeline": pipeline,
+                "status": Status.QUEUED.value,
+                "attempt": 1,
+                "params": params or {},
+                "gateway": None,
+                "lease_epoch": 0,
+                "checkpoint": {},
+                "telemetry_summary": {},
+                "cancel_requested": False,
+                "created_at": now,
+                "queued_at": now,
+                "updated_at": now,
+                "trigger": trigger.value,
+                "triggered_by": triggered_by,
+                "fire_time": fire.fire_time,
+                "interval_start": fire.interval_start,
+                "interval_end": fire.interval_end,
+                "retries": 0,
+            }
+            for fire in fires
+        ]
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        created: list[str] = []
+        with self._transaction() as conn:
+            for row in rows:
+                stmt = dialect.insert(runs).values(**row)
+                stmt = stmt.on_conflict_do_nothing(index_elements=["pipeline", "fire_time"])
+                if conn.execute(stmt.returning(runs.c.id)).first() is not None:
+                    created.append(str(row["id"]))
+            if advance_clock:
+                latest = max(f.fire_time for f in fires)
+                conn.execute(
+                    update(pipeline_state)
+                    .where(
+                        pipeline_state.c.pipeline == pipeline,
+                        (pipeline_state.c.last_fire.is_(None))
+                        | (pipeline_state.c.last_fire < latest),
+                    )
+                    .values(last_fire=latest, updated_at=now)
+                )
+        if not created:
+            return []
+        with self._reader.connect() as conn:
+            found = conn.execute(select(runs).where(runs.c.id.in_(created))).all()
+        return sorted((run_from_row(r) for r in found), key=lambda r: r.fire_time or now)
+
+    def claim_due_retries(self, now: datetime, limit: int = 200) -> list[str]:
+        """Runs whose retry is due, claimed (``not_before`` cleared) so one caller publishes
+        each; oldest due first."""
+        query = (
+            select(runs.c.id, runs.c.not_before)
+            .where(runs.c.not_before.is_not(None), runs.c.not_before <= now)
+            .order_by(runs.c.not_before)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            due = conn.execute(query).all()
+        claimed: list[str] = []
+        for run_id, not_before in due:
+            with self._transaction() as conn:
+                changed = conn.execute(
+                    update(runs)
+                    .where(
+                        runs.c.id == run_id,
+                        runs.c.status == Status.QUEUED.value,
+                        runs.c.not_before == not_before,
+                    )
+                    .values(not_before=None, queued_at=utcnow(), updated_at=utcnow())
+                ).rowcount
+            if changed == 1:
+                claimed.append(run_id)
+        return claimed
+
+    # -- max_active_runs ------------------------------------------------------
+
+    def active_counts(self, pipelines: Iterable[str] | None = None) -> dict[str, int]:
+        """How many runs of each pipeline have started and not ended."""
+        query = (
+            select(runs.c.pipeline, func.count())
+            .where(
+                runs.c.status.in_(ACTIVE_STATUSES),
+                runs.c.started_at.is_not(None),
+                runs.c.gateway.is_(None),
+            )
+            .group_by(runs.c.pipeline)
+        )
+        if pipelines is not None:
+            query = query.where(runs.c.pipeline.in_(list(pipelines)))
+        with self._reader.connect() as conn:
+            return {name: int(count) for name, count in conn.execute(query)}
+
+    def waiting_runs(self, pipeline: str, limit: int) -> list[Run]:
+        """Queued runs of ``pipeline`` that have not started, oldest first: the next to wake."""
+        query = (
+            select(runs)
+            .where(
+                runs.c.pipeline == pipeline,
+                runs.c.status == Status.QUEUED.value,
+                runs.c.started_at.is_(None),
+                runs.c.gateway.is_(None),
+                runs.c.cancel_requested.is_(False),
+                runs.c.not_before.is_(None),
+            )
+            .order_by(runs.c.fire_time.is_(None), runs.c.fire_time, runs.c.created_at, runs.c.id)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [run_from_row(row) for row in conn.execute(query)]
+
+    def last_runs(self, pipelines: Iterable[str], per_pipeline: int = 10) -> dict[str, list[Run]]:
+        """The newest runs of each pipeline, newest first (a pipeline list's status strip)."""
+        found: dict[str, list[Run]] = {}
+        with self._reader.connect() as conn:
+            for name in pipelines:
+                query = (
+                    select(runs)
+                    .where(runs.c.pipeline == name)
+                    .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+                    .limit(per_pipeline)
+                )
+                found[name] = [run_from_row(row) for row in conn.execute(query)]
+        return found
+
