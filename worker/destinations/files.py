@@ -5,6 +5,51 @@ replaces its file. Rows go to a temporary file next to the final one, which
 is fsync'd and renamed over it on publish: a reader sees the old file or the
 whole new one, never half a slice. ``format = "parquet"`` needs the
 ``parquet`` extra (pyarrow); see :mod:`worker.destinations.parquet`.
+
+Layout under the destination's ``path`` (``root``), by a resource's ``write_mode``::
+
+    root/<pipeline>/<run_id>/<resource>/<resource>-00001.parquet  every run's slice files
+    root/<pipeline>/latest/<resource> -> ../<run_id>/<resource>   replace: the current set
+    root/<pipeline>/latest/<resource> -> ../_merged/<run_id>/<resource>   merge: the current set
+    root/<pipeline>/_merged/<run_id>/<resource>/part-00000.parquet  merge: a compacted set
+
+- **append**: each run adds its slice files under its own ``<run_id>/``
+  directory; a slice is visible as soon as it commits. A failed or cancelled
+  run leaves its committed slices (``on_failure = "keep"``) or nothing
+  (``"remove"``: its ``<run_id>/<resource>/`` is deleted).
+- **replace**: slices are written under ``<run_id>/<resource>/`` as for
+  append, but readers go through ``latest/<resource>``: a relative symlink
+  that the run's final commit points at the run's directory (a new link made
+  under a temporary name and renamed over the old one). A run without rows
+  publishes an empty directory. A failed or cancelled run's directory is
+  deleted; ``latest`` keeps the last successful run's set.
+- **merge** (Parquet only): slices are written under ``<run_id>/<resource>/``
+  (the run's change set, kept like an append's). Before the final commit the
+  published set and the run's rows are compacted into
+  ``_merged/<run_id>/<resource>/``: one row per ``primary_key``, this run's
+  rows winning (within the run a later slice, then a later row, wins), keys
+  whose ``hard_delete`` column is true dropped, schemas unified permissively.
+  The set has a ``_quarry_run_id`` column: the run that last wrote the row (a
+  source column of that name is overwritten). A failed or cancelled run's
+  slice files and unpublished compacted set are deleted; ``latest`` is
+  untouched. Compaction holds the resource's whole data in memory: see
+  :mod:`worker.destinations.parquet` for the bound.
+
+Readers resolve ``latest/<resource>`` once (``os.path.realpath``) and read the
+directory it names: that is one complete set, the old one or the new one. A
+tool that lists files through the link and opens them later may mix two sets
+across a swap. Each resource's link is swapped on its own: a run's resources
+are not published as one.
+
+A set that a publish supersedes stays until the resource's next publish and is
+removed then (in that run's ``prepare_finish``), so a reader that resolved the
+link just before a swap has until the next run's end to finish. The link
+``latest/.<resource>.previous`` names that set.
+
+Runs of one pipeline that end at the same time (``max_active_runs`` above 1):
+for ``replace`` the later publish wins; for ``merge`` a publish whose published
+set moved since it compacted fails, retryably, rather than drop the other run's
+rows.
 """
 
 from __future__ import annotations
@@ -14,15 +59,24 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats, StagedSlice
+from worker.destinations.base import (
+    Publish,
+    RunScope,
+    SliceKey,
+    SliceStats,
+    StagedSlice,
+    WriteSpec,
+)
 from worker.errors import ConfigError, DestinationError
-from worker.pipelines import parse_options
+from worker.pipelines import WriteMode, parse_options
 from worker.runlog import Logger
 from worker.sources.base import Page
 
@@ -58,12 +112,21 @@ def temp_path(final: Path, epoch: int) -> Path:
     A worker killed mid-slice leaves its temp file behind; a later epoch owns the slice now.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.e*.tmp*"):
+    _remove_stale(final.parent, f".{final.name}.e*.tmp*", epoch)
+    return final.with_name(f".{final.name}.e{epoch}.tmp")
+
+
+def _remove_stale(directory: Path, pattern: str, epoch: int) -> None:
+    """Remove the temporaries (files, links or directories) matching ``pattern`` that an
+    epoch up to ``epoch`` left."""
+    for stale in directory.glob(pattern):
         found = _TEMP_EPOCH.search(stale.name)
         if found and int(found.group(1)) <= epoch:
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    return final.with_name(f".{final.name}.e{epoch}.tmp")
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
 
 class StagedFile:
@@ -110,8 +173,144 @@ class StagedFile:
         self.temp.unlink(missing_ok=True)
 
 
+#: The directory under ``root/<pipeline>`` whose links name each resource's current set.
+LATEST = "latest"
+#: The directory under ``root/<pipeline>`` holding the compacted sets of ``merge`` resources.
+MERGED = "_merged"
+#: Event logged when removing an old or failed run's files did not work (the run goes on).
+CLEANUP_FAILED = "destination_cleanup_failed"
+
+
+def run_dir(root: Path, pipeline: str, run_id: str, resource: str) -> Path:
+    """Where a run writes a resource's slice files: ``root/pipeline/run_id/resource``."""
+    return root / pipeline / run_id / resource
+
+
+def latest_link(root: Path, pipeline: str, resource: str) -> Path:
+    """The stable path of a ``replace`` or ``merge`` resource: ``root/pipeline/latest/resource``."""
+    return root / pipeline / LATEST / resource
+
+
+def merged_dir(root: Path, pipeline: str, run_id: str, resource: str) -> Path:
+    """Where a run compacts a ``merge`` resource: ``root/pipeline/_merged/run_id/resource``."""
+    return root / pipeline / MERGED / run_id / resource
+
+
+def published_dir(root: Path, pipeline: str, resource: str) -> Path | None:
+    """The directory ``latest/<resource>`` names now (one complete set), or None if none yet.
+
+    Read the set from the returned path, not through the link, so a swap while
+    reading cannot mix two sets.
+    """
+    link = latest_link(root, pipeline, resource)
+    target = _readlink(link)
+    return None if target is None else _target_dir(link, target)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents (a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _readlink(link: Path) -> str | None:
+    """The link's target as written, or None if there is no link."""
+    try:
+        return str(link.readlink())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        msg = (
+            f"{link} is not a symlink: the files destination keeps {LATEST}/<resource> "
+            f"as a link to the current set; move it away ({exc.strerror})"
+        )
+        raise DestinationError(msg) from None
+
+
+def _target_dir(link: Path, target: str) -> Path:
+    """The directory a link's (relative) target names, without following further links."""
+    return Path(os.path.normpath(link.parent / target))
+
+
+def _previous_link(link: Path) -> Path:
+    """The hidden link naming the set ``link`` named before its last swap."""
+    return link.with_name(f".{link.name}.previous")
+
+
+def _point(link: Path, target: str, epoch: int) -> None:
+    """Make ``link`` name ``target`` at once: a new link under a temporary name, renamed over."""
+    temp = link.with_name(f".{link.name}.e{epoch}.tmp")
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(target)
+    temp.replace(link)
+
+
+def _remove(path: Path, log: Logger) -> None:
+    """Delete a directory tree (best effort), then its parent if that is left empty."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if log is not None:
+            log.warning(
+                CLEANUP_FAILED,
+                message=f"Could not remove {path}: {exc.strerror}",
+                path=str(path),
+            )
+        return
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only succeeds when empty
+
+
+@dataclass(frozen=True, slots=True)
+class _Swap:
+    """Points ``latest/<resource>`` at a prepared set; quick, atomic and idempotent."""
+
+    link: Path
+    #: The relative target to publish.
+    target: str
+    #: What the link named when the set was prepared (None: no link yet).
+    base: str | None
+    #: Refuse to publish if the link moved since ``base`` (``merge``: the set was built on it).
+    guard: bool
+    epoch: int
+
+    def __call__(self) -> None:
+        current = _readlink(self.link)
+        if current == self.target:
+            return  # published already (a second publish, or a redone end of the run)
+        if self.guard and current != self.base:
+            msg = (
+                f"{self.link}: another run published {current} after this run merged onto "
+                f"{self.base or 'no set'}; this run's merge is built again when it is retried"
+            )
+            raise DestinationError(msg, retryable=True)
+        if not _target_dir(self.link, self.target).is_dir():
+            msg = f"{self.link}: the prepared set {self.target} is gone; not publishing"
+            raise DestinationError(msg, retryable=True)
+        if current is not None:
+            _point(_previous_link(self.link), current, self.epoch)
+        _point(self.link, self.target, self.epoch)
+        fsync_path(self.link.parent)
+
+
+def check_write_mode(resource: str, spec: WriteSpec, fmt: str) -> None:
+    """Raise :class:`ConfigError` if the files destination in ``fmt`` cannot write ``spec``."""
+    if spec.mode is WriteMode.MERGE and fmt != "parquet":
+        msg = (
+            f'resources.{resource}.write_mode: "merge" on the files destination needs '
+            f'destination.format = "parquet" ({fmt} files cannot be merged on a key); '
+            'use write_mode "append" or "replace", or format "parquet"'
+        )
+        raise ConfigError(msg)
+
+
 class FilesDestination:
-    """Writes each slice to its own file under ``root``."""
+    """Writes each slice to its own file under ``root``; see the module docstring for layout."""
 
     def __init__(self, root: Path, fmt: str = "jsonl") -> None:
         self.root = root
@@ -130,7 +329,9 @@ class FilesDestination:
         return cls(config.path or default_root, config.format)
 
     def stage(self, key: SliceKey, log: Logger) -> StagedSlice:
-        """Open a temporary file for the slice."""
+        """Open a temporary file for the slice (in the run's directory, whatever the mode)."""
+        check_write_mode(key.resource, key.write, self.format)
+        _check_names(key.run_id)
         final = slice_path(self.root, key, SUFFIXES[self.format])
         try:
             if self.format == "parquet":
@@ -143,15 +344,179 @@ class FilesDestination:
             raise DestinationError(msg) from None
 
     def prepare_finish(self, scope: RunScope, log: Logger) -> Publish | None:
-        """Append publishes every slice as it commits: nothing is left for the run's end."""
-        return None
+        """Build each ``replace`` and ``merge`` resource's set; return the swap of their links.
+
+        ``append`` has nothing left to do (its slices were published as they committed).
+        """
+        for resource, spec in scope.resources.items():
+            check_write_mode(resource, spec, self.format)
+        _check_names(scope.run_id)
+        steps: list[Callable[[], None]] = []
+        try:
+            for resource, spec in scope.resources.items():
+                if spec.mode is WriteMode.REPLACE:
+                    steps.append(self._prepare_replace(scope, resource, log))
+                elif spec.mode is WriteMode.MERGE:
+                    steps.append(self._prepare_merge(scope, resource, spec, log))
+        except OSError as exc:
+            msg = f"cannot prepare the run's sets under {self.root}: {exc.strerror}"
+            raise DestinationError(msg, retryable=True) from None
+        if not steps:
+            return None
+
+        def publish() -> None:
+            """Swap every prepared resource's ``latest`` link (each one atomically)."""
+            try:
+                for step in steps:
+                    step()
+            except OSError as exc:
+                msg = f"cannot publish under {self.root}: {exc.strerror}"
+                raise DestinationError(msg, retryable=True) from None
+
+        return publish
+
+    def _prepare_replace(self, scope: RunScope, resource: str, log: Logger) -> _Swap:
+        """The run's directory is the new set: make sure it exists and holds only slices."""
+        directory = run_dir(self.root, scope.pipeline, scope.run_id, resource)
+        directory.mkdir(parents=True, exist_ok=True)  # a run without slices: an empty set
+        _remove_stale(directory, ".*.tmp*", scope.epoch)  # every slice is done: temps are dead
+        fsync_path(directory)
+        fsync_path(directory.parent)
+        target = str(Path("..", scope.run_id, resource))
+        return self._swap(scope, resource, target, guard=False, log=log)
+
+    def _prepare_merge(
+        self, scope: RunScope, resource: str, spec: WriteSpec, log: Logger
+    ) -> _Swap | Callable[[], None]:
+        """Compact the published set and the run's slices into the run's merged set."""
+        from worker.destinations.parquet import compact  # noqa: PLC0415 - the optional extra
+
+        link = latest_link(self.root, scope.pipeline, resource)
+        target = str(Path("..", MERGED, scope.run_id, resource))
+        current = _readlink(link)
+        if current == target:
+            return _noop  # this run's set is published already: never rebuild what is read
+        self._retire(link, current, target, scope.epoch, log)
+        published = None if current is None else _target_dir(link, current)
+        if published is not None and not published.is_dir():
+            msg = (
+                f"{link} names {current}, which is missing: the published set of {resource} "
+                "is gone, and merging onto nothing would drop its rows; remove the link "
+                "to start afresh"
+            )
+            raise DestinationError(msg)
+        changes = run_dir(self.root, scope.pipeline, scope.run_id, resource)
+        compact(
+            published,
+            _slice_files(changes, resource, SUFFIXES[self.format]),
+            merged_dir(self.root, scope.pipeline, scope.run_id, resource),
+            run_id=scope.run_id,
+            primary_key=spec.primary_key,
+            hard_delete=spec.hard_delete,
+            epoch=scope.epoch,
+            resource=resource,
+            log=log,
+        )
+        return _Swap(link, target, current, guard=True, epoch=scope.epoch)
+
+    def _swap(
+        self, scope: RunScope, resource: str, target: str, *, guard: bool, log: Logger
+    ) -> _Swap:
+        link = latest_link(self.root, scope.pipeline, resource)
+        current = _readlink(link)
+        if current != target:
+            self._retire(link, current, target, scope.epoch, log)
+        return _Swap(link, target, current, guard=guard, epoch=scope.epoch)
+
+    def _retire(
+        self, link: Path, current: str | None, target: str, epoch: int, log: Logger
+    ) -> None:
+        """Remove the set published before the current one (superseded a publish ago),
+        and temporary links that older epochs left next to ``link``."""
+        link.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(link.parent, f".{link.name}.e*.tmp", epoch)
+        _remove_stale(link.parent, f".{_previous_link(link).name}.e*.tmp", epoch)
+        previous = _readlink(_previous_link(link))
+        if previous is None:
+            return
+        keep = {_target_dir(link, t).resolve() for t in (current, target) if t is not None}
+        old = _target_dir(link, previous).resolve()
+        if old not in keep and old.is_relative_to(self.root.resolve()):
+            _remove(old, log)
 
     def abort(self, scope: RunScope, log: Logger) -> None:
-        """Append keeps a failed run's committed slices."""
+        """Remove what a failed or cancelled run must not leave (best effort, idempotent).
+
+        ``append``: the run's directory of each ``on_failure = "remove"`` resource.
+        ``replace``: the run's directory. ``merge``: the run's slice files and its
+        compacted set. A set ``latest`` names (the run published before failing)
+        is never removed.
+        """
+        for resource, spec in scope.resources.items():
+            directory = run_dir(self.root, scope.pipeline, scope.run_id, resource)
+            if spec.mode is WriteMode.APPEND:
+                if spec.on_failure == "remove":
+                    _remove(directory, log)
+                continue
+            published = self._published_sets(scope.pipeline, resource)
+            doomed = [directory]
+            if spec.mode is WriteMode.MERGE:
+                merged = merged_dir(self.root, scope.pipeline, scope.run_id, resource)
+                doomed.append(merged)
+                if merged.parent.is_dir():  # an interrupted compaction's temporary set
+                    doomed += merged.parent.glob(f".{resource}.e*.tmp")
+            for path in doomed:
+                if path.resolve() not in published:
+                    _remove(path, log)
+
+    def _published_sets(self, pipeline: str, resource: str) -> set[Path]:
+        """The sets ``latest/<resource>`` and its previous link name now."""
+        link = latest_link(self.root, pipeline, resource)
+        try:
+            targets = (_readlink(link), _readlink(_previous_link(link)))
+        except DestinationError:
+            return set()
+        return {_target_dir(link, t).resolve() for t in targets if t is not None}
 
     def describe(self) -> dict[str, Any]:
-        """Kind, format and root directory."""
-        return {"type": "files", "format": self.format, "path": str(self.root)}
+        """Kind, format, root directory and where each run's and the current sets live."""
+        return {
+            "type": "files",
+            "format": self.format,
+            "path": str(self.root),
+            "layout": (
+                "<path>/<pipeline>/<run_id>/<resource>/ per run; replace and merge "
+                f"resources' current set at <path>/<pipeline>/{LATEST}/<resource>/"
+            ),
+        }
 
     def close(self) -> None:
         """Nothing held between slices."""
+
+
+def _noop() -> None:
+    """A publish with nothing left to do."""
+
+
+def _check_names(run_id: str) -> None:
+    """A run id must not take the name of the pipeline directory's own entries."""
+    if run_id in {LATEST, MERGED}:
+        msg = f"run id {run_id!r} collides with the files destination's {run_id}/ directory"
+        raise DestinationError(msg)
+
+
+def _slice_index(path: Path, resource: str) -> int:
+    """A slice file's number: ``resource-00042.parquet`` is 42, ``resource.parquet`` is 0."""
+    stem = path.name.removeprefix(resource)
+    found = re.match(r"-(\d+)\.", stem)
+    return int(found.group(1)) if found else 0
+
+
+def _slice_files(directory: Path, resource: str, suffix: str) -> list[Path]:
+    """A run's published slice files of ``resource``, in slice order."""
+    if not directory.is_dir():
+        return []
+    files: Iterable[Path] = (
+        p for p in directory.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")
+    )
+    return sorted(files, key=lambda p: (_slice_index(p, resource), p.name))

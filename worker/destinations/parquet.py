@@ -18,20 +18,38 @@ Schema drift inside a slice (the file's schema is the first page's):
 Each slice file has its own schema; readers that scan many files unify them
 (``pyarrow.dataset`` with ``promote_options="permissive"``, DuckDB
 ``union_by_name``).
+
+``merge`` resources are compacted here (:func:`compact`) at the run's end: the
+published set and the run's slice files become one set with one row per
+primary key, written as ``part-00000.parquet``, ``part-00001.parquet``, … of at
+most ``PART_ROWS`` rows each, plus a ``_quarry_run_id`` column naming the run
+that last wrote each row. Schemas are unified permissively (a new column reads
+null in older rows; int widens to float); a type change that cannot be unified
+fails the run naming the column.
+
+Memory bound of compaction: the whole published set and all of the run's rows
+are held in Arrow memory at once, plus the merged result (a copy of the rows
+kept): about twice the resource's uncompressed data, in the worker that ends
+the run. Size that worker for it; a resource that outgrows it belongs in a
+table destination (``sql``), which merges in the database.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from worker.destinations.base import SliceStats
-from worker.destinations.files import temp_path
+from worker.destinations.files import fsync_path, temp_path
 from worker.errors import DestinationError, first_line
 from worker.models import Event
 from worker.runlog import Logger
@@ -39,6 +57,12 @@ from worker.sources.base import Page, Row, RowPage
 
 #: Rows per row group: large enough for good compression and scans, small enough for memory.
 ROW_GROUP_ROWS = 65_536
+#: Most rows in one file of a merged set: bounds each part file's size.
+PART_ROWS = 1_048_576
+#: The merged set's column naming the run that last wrote each row.
+RUN_ID_COLUMN = "_quarry_run_id"
+#: A row's position while merging (never written).
+_SEQ = "__quarry_seq"
 
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 
@@ -252,3 +276,231 @@ class StagedParquet:
         self._buffer = []
         self.temp.unlink(missing_ok=True)
         self.temp.with_name(self.temp.name + ".old").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeStats:
+    """What a compaction wrote."""
+
+    #: Rows in the merged set (one per primary key).
+    rows: int
+    #: Part files written.
+    parts: int
+    #: Keys dropped because their winning row's ``hard_delete`` is true (published or not).
+    deleted: int
+
+
+def _read(path: Path, what: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, *_ARROW_ERRORS) as exc:
+        msg = f"cannot read {what} {path}: {first_line(exc)}"
+        raise DestinationError(msg) from None
+
+
+def _first_null(column: pa.ChunkedArray) -> int | None:
+    """The 0-based position of the first null in ``column``, or None."""
+    if column.null_count == 0:
+        return None
+    position: int = pc.index(pc.is_null(column), True).as_py()
+    return position
+
+
+def _change_set(
+    files: Sequence[Path], run_id: str, primary_key: Sequence[str], resource: str
+) -> list[pa.Table]:
+    """The run's slice files as tables, in order, each with the run id column."""
+    tables = []
+    for path in files:
+        table = _read(path, "slice file")
+        if table.num_columns == 0:
+            continue  # an empty slice
+        for column in primary_key:
+            if column not in table.column_names:
+                msg = (
+                    f"{resource}: primary_key column {column!r} is missing from {path.name} "
+                    "(a merge needs every key column in every row)"
+                )
+                raise DestinationError(msg)
+            null = _first_null(table[column])
+            if null is not None:
+                msg = (
+                    f"{resource}: primary_key column {column!r} is null in row {null + 1} "
+                    f"of {path.name} (a merge needs every key column in every row)"
+                )
+                raise DestinationError(msg)
+        if RUN_ID_COLUMN in table.column_names:
+            table = table.drop_columns([RUN_ID_COLUMN])
+        tables.append(table.append_column(RUN_ID_COLUMN, pa.repeat(run_id, table.num_rows)))
+    return tables
+
+
+def _published_set(
+    directory: Path | None, primary_key: Sequence[str], resource: str
+) -> list[pa.Table]:
+    """The currently published set's files as tables, in order."""
+    if directory is None or not directory.is_dir():
+        return []
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix == ".parquet" and not p.name.startswith(".")
+    )
+    tables = [_read(p, "published file") for p in files]
+    tables = [t for t in tables if t.num_columns]
+    for column in primary_key:
+        if tables and all(column not in t.column_names for t in tables):
+            msg = (
+                f"{resource}: the published set {directory} has no column {column!r}; was "
+                "primary_key changed? Remove the resource's latest/ link to start afresh"
+            )
+            raise DestinationError(msg)
+    return tables
+
+
+def _unify(
+    published: list[pa.Table], changes: list[pa.Table], resource: str, log: Logger
+) -> pa.Schema:
+    """One schema for every table (permissive); logs columns the run adds or widens."""
+    tables = published + changes
+    try:
+        unified = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+    except _ARROW_ERRORS:
+        seen: dict[str, pa.DataType] = {}
+        for table in tables:
+            for field in table.schema:
+                old = seen.setdefault(field.name, field.type)
+                try:
+                    pa.unify_schemas(
+                        [pa.schema([(field.name, old)]), pa.schema([field])],
+                        promote_options="permissive",
+                    )
+                except _ARROW_ERRORS:
+                    msg = (
+                        f"{resource}: column {field.name!r} is {old} in one file and "
+                        f"{field.type} in another, which cannot be merged into one column"
+                    )
+                    raise DestinationError(msg) from None
+        raise  # unreachable in practice: some pair of fields conflicts
+    if published and log is not None:
+        before = pa.unify_schemas([t.schema for t in published], promote_options="permissive")
+        added = [name for name in unified.names if name not in before.names]
+        changed = {
+            name: f"{before.field(name).type} -> {unified.field(name).type}"
+            for name in before.names
+            if not before.field(name).type.equals(unified.field(name).type)
+            and before.field(name).type != pa.null()
+        }
+        if added or changed:
+            log.warning(
+                Event.SCHEMA_CHANGED,
+                message=(
+                    f"Schema of the merged set of {resource} changed: "
+                    + ", ".join(
+                        [f"new column {n!r}" for n in added]
+                        + [f"{n!r} widened {c}" for n, c in changed.items()]
+                    )
+                ),
+                resource=resource,
+                added_columns=added,
+                widened_columns=changed,
+            )
+    return unified
+
+
+def _deduplicate(table: pa.Table, primary_key: Sequence[str], resource: str) -> pa.Table:
+    """The last row of each key, in the order those last rows came."""
+    if table.num_rows == 0:
+        return table
+    positions = pc.subtract(
+        pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), table.num_rows)), 1
+    )
+    try:
+        last = (
+            table.select(list(primary_key))
+            .append_column(_SEQ, positions)
+            .group_by(list(primary_key))
+            .aggregate([(_SEQ, "max")])
+        )
+    except _ARROW_ERRORS as exc:
+        msg = f"{resource}: cannot merge on primary_key {list(primary_key)}: {first_line(exc)}"
+        raise DestinationError(msg) from None
+    winners = last[f"{_SEQ}_max"]
+    return table.take(pc.take(winners, pc.sort_indices(winners)))
+
+
+def _drop_deleted(table: pa.Table, hard_delete: str | None, resource: str) -> tuple[pa.Table, int]:
+    """``table`` without the rows whose ``hard_delete`` column is true; how many went."""
+    if hard_delete is None or hard_delete not in table.column_names:
+        return table, 0
+    flags = table[hard_delete]
+    if flags.type == pa.null():
+        return table, 0
+    if not pa.types.is_boolean(flags.type):
+        msg = f"{resource}: hard_delete column {hard_delete!r} is {flags.type}, not boolean"
+        raise DestinationError(msg)
+    doomed = pc.fill_null(flags, False)
+    deleted = int(pc.sum(doomed.cast(pa.int64())).as_py() or 0)
+    return table.filter(pc.invert(doomed)), deleted
+
+
+def compact(
+    published: Path | None,
+    changes: Sequence[Path],
+    out: Path,
+    *,
+    run_id: str,
+    primary_key: Sequence[str],
+    hard_delete: str | None,
+    epoch: int,
+    resource: str,
+    log: Logger,
+) -> MergeStats:
+    """Merge a run's slice files onto the published set; write the result to ``out``.
+
+    ``published`` is the directory of the current set (None: the first merge);
+    ``changes`` are the run's slice files in slice order. One row per
+    ``primary_key`` is kept: the run's rows win over the published ones, and
+    within the run a later file, then a later row, wins. Keys whose
+    ``hard_delete`` column is true are dropped. The result, with a
+    ``RUN_ID_COLUMN``, is written under a temporary name next to ``out``, in
+    parts of at most ``PART_ROWS`` rows, fsync'd, then renamed to ``out``
+    (replacing an unpublished earlier attempt). Holds everything in memory:
+    see the module docstring.
+    """
+    base = _published_set(published, primary_key, resource)
+    delta = _change_set(changes, run_id, primary_key, resource)
+    tables = base + delta
+    if tables:
+        schema = _unify(base, delta, resource, log)
+        order = [n for n in schema.names if n != RUN_ID_COLUMN]
+        order += [RUN_ID_COLUMN] if RUN_ID_COLUMN in schema.names else []
+        try:
+            combined = pa.concat_tables(tables, promote_options="permissive").select(order)
+        except _ARROW_ERRORS as exc:
+            msg = f"{resource}: cannot combine the published set and the run: {first_line(exc)}"
+            raise DestinationError(msg) from None
+        merged, deleted = _drop_deleted(
+            _deduplicate(combined, primary_key, resource), hard_delete, resource
+        )
+    else:
+        merged, deleted = None, 0
+    temp = temp_path(out, epoch)  # also removes older epochs' interrupted attempts
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    parts = 0
+    part_rows = max(PART_ROWS, 1)
+    try:
+        if merged is not None:
+            for start in range(0, max(merged.num_rows, 1), part_rows):
+                path = temp / f"part-{parts:05d}.parquet"
+                pq.write_table(merged.slice(start, part_rows), path, row_group_size=ROW_GROUP_ROWS)
+                fsync_path(path)
+                parts += 1
+    except _ARROW_ERRORS as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        msg = f"{resource}: cannot write the merged set: {first_line(exc)}"
+        raise DestinationError(msg) from None
+    fsync_path(temp)
+    shutil.rmtree(out, ignore_errors=True)  # an earlier, never published attempt
+    temp.rename(out)
+    fsync_path(out.parent)
+    return MergeStats(rows=0 if merged is None else merged.num_rows, parts=parts, deleted=deleted)
