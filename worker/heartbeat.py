@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from worker.errors import LeaseLost
-from worker.models import Event, Lease
+from worker.models import Event, Lease, Level, NewEntry, Status
 from worker.runlog import Logger
 from worker.settings import Settings
 from worker.store import Store
@@ -23,6 +25,11 @@ from worker.telemetry import Telemetry
 
 #: Wait between renew retries after a failed renew.
 RETRY_SECONDS = 1.0
+#: A runner that has not stopped this long after its lease was lost (a forced cancel,
+#: a takeover) is stuck in a call that does not return: its process is ended.
+LOST_GRACE_SECONDS = 5.0
+#: And one still running this long past its run_timeout is ended the same way.
+TIMEOUT_GRACE_SECONDS = 60.0
 
 
 def _fmt_int(value: Any) -> str:
@@ -39,6 +46,8 @@ class Heartbeat:
         settings: Settings,
         telemetry: Telemetry,
         log: Logger,
+        *,
+        terminate: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.lease = lease
@@ -51,6 +60,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="quarry-heartbeat", daemon=True)
         self._last_ok = time.monotonic()
         self.renewals = 0
+        #: When the attempt must have ended (monotonic clock; the runner's run_timeout).
+        self.deadline = float("inf")
+        #: Ends the process of a runner stuck in a call that never returns (pool children).
+        self.terminate = terminate
 
     def start(self) -> None:
         """Start renewing."""
@@ -81,7 +94,11 @@ class Heartbeat:
                     ok = self._renew()
                     next_renew = now + (self.settings.lease_renew_seconds if ok else RETRY_SECONDS)
                     if self.lost.is_set():
+                        self._watch_lost()
                         return
+                if now >= self.deadline + TIMEOUT_GRACE_SECONDS:
+                    self._end_stuck()
+                    return
                 if now >= next_log:
                     self._log_heartbeat()
                     next_log = now + self.settings.heartbeat_log_seconds
@@ -91,6 +108,44 @@ class Heartbeat:
             # A heartbeat that cannot go on cannot vouch for the lease.
             logging.getLogger("quarry.heartbeat").exception("heartbeat crashed")
             self.lost.set()
+
+    def _watch_lost(self) -> None:
+        """The lease is gone: the runner stops at its next safe point, or is ended.
+
+        Its next check (at most a quarter second away while a page is read) raises
+        :class:`LeaseLost`. A runner stuck in a call that never returns (a write to a
+        destination that hangs) never checks: past the grace its process is ended, which
+        is safe because the fence refuses anything it would still write.
+        """
+        if self._stop.wait(LOST_GRACE_SECONDS) or self.terminate is None:
+            return
+        self.terminate(
+            f"run {self.lease.run_id}: its lease is gone (cancelled by force or taken over) "
+            f"and the runner has not stopped within {LOST_GRACE_SECONDS:g}s"
+        )
+
+    def _end_stuck(self) -> None:
+        """Past run_timeout and its grace, the runner never reached a check: end the run
+        ``failed`` as its holder, then the process."""
+        reason = "the attempt exceeded its run_timeout and the worker was stuck in a call"
+        entry = NewEntry(
+            run_id=self.lease.run_id,
+            level=Level.ERROR,
+            event=Event.RUN_FAILED.value,
+            message=f"Run failed: {reason}; its worker process is ended",
+            occurred_at=datetime.now(UTC),
+            data={"error": reason, "error_type": "RunTimeout", "retryable": False},
+            worker_id=self.lease.owner,
+            attempt=self.lease.attempt,
+            epoch=self.lease.epoch,
+        )
+        try:
+            self.store.finish(self.lease, Status.FAILED, [entry], error_summary=reason)
+        except Exception:
+            logging.getLogger("quarry.heartbeat").warning("stuck run not ended", exc_info=True)
+        self.lost.set()
+        if self.terminate is not None:
+            self.terminate(f"run {self.lease.run_id}: {reason}")
 
     def _renew(self) -> bool:
         try:

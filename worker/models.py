@@ -108,6 +108,7 @@ class Event(enum.StrEnum):
     SOURCE_RETRY = "source_retry"
     RUN_RETRY = "run_retry"
     RUN_WAITING = "run_waiting"
+    RUN_CLEANUP_FAILED = "run_cleanup_failed"
 
 
 #: Events after which a run's log gets no more entries until it is re-queued.

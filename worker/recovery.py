@@ -81,9 +81,11 @@ def decide(
         gone = f"lease of {run.lease_owner} expired {expired_for:.1f}s ago"
         if run.cancel_requested:
             return Decision(run, Action.CANCEL, f"cancel requested and the owner is gone ({gone})")
-        if run.attempt >= max_attempts:
+        # Retries are the pipeline's own policy; max_attempts bounds crashes.
+        crashes = run.recoveries + 1
+        if crashes >= max_attempts:
             return Decision(
-                run, Action.GIVE_UP, f"attempts exhausted ({run.attempt}/{max_attempts}); {gone}"
+                run, Action.GIVE_UP, f"attempts exhausted ({crashes}/{max_attempts}); {gone}"
             )
         return Decision(run, Action.RECOVER, gone)
     if run.status is Status.INTERRUPTED:
@@ -175,6 +177,18 @@ def _position(run: Run) -> str:
     if position.get("resource"):
         return f"after {position['resource']}"
     return "the start"
+
+
+def wake_waiting(store: Store, pipeline: str, limit: int, publish: Publish) -> list[str]:
+    """Publish the oldest runs of ``pipeline`` held back by ``max_active_runs``, one per free
+    slot: a finishing run wakes the next, so it starts within seconds, not at a sweep."""
+    free = limit - store.active_counts([pipeline]).get(pipeline, 0)
+    if free <= 0:
+        return []
+    woken = [run.id for run in store.waiting_runs(pipeline, free)]
+    for run_id in woken:
+        publish(run_id)
+    return woken
 
 
 def fast_recover(store: Store, run_id: str, publish: Publish, *, max_attempts: int) -> bool:

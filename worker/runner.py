@@ -9,20 +9,38 @@ cancelled. It never builds a query: all I/O goes through the store.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import random
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker import checkpoints, wording
-from worker.destinations import Destination, SliceKey, StagedSlice, build_destination
+from worker.destinations import (
+    Destination,
+    Publish,
+    RunScope,
+    SliceKey,
+    StagedSlice,
+    WriteSpec,
+    build_destination,
+)
 from worker.envrefs import resolve_and_register
-from worker.errors import LeaseLost, QuarryError, SourceError, StopRequested
+from worker.errors import (
+    LeaseLost,
+    QuarryError,
+    RunTimeout,
+    SourceError,
+    StopRequested,
+    is_retryable,
+)
 from worker.heartbeat import Heartbeat
-from worker.models import Event, Lease, NewEntry, Status, StopReason
+from worker.models import Event, Lease, NewEntry, Run, Status, StopReason
 from worker.pipelines import (
     Pipeline,
     ResourceConfig,
@@ -31,16 +49,20 @@ from worker.pipelines import (
     get_pipeline,
     plan_slices,
 )
+from worker.reading import read_pages
 from worker.runlog import Logger, get_logger
 from worker.runtime import Runtime
 from worker.scrub import scrubber
 from worker.signals import StopFlag
 from worker.sources import Source, build_source
 from worker.sources.base import ReadContext, decode_mark, encode_mark
+from worker.store.store import Waiting
 from worker.telemetry import Phase, Telemetry
 
 #: Longest error summary stored on a run.
 MAX_ERROR_SUMMARY = 2000
+#: Longest wait for a source to close (a hung read may hold its connection).
+CLOSE_SECONDS = 5.0
 
 
 class Outcome(enum.StrEnum):
@@ -52,6 +74,15 @@ class Outcome(enum.StrEnum):
     INTERRUPTED = "interrupted"
     CANCELLED = "cancelled"
     LEASE_LOST = "lease_lost"
+    #: Queued again for a retry, from its checkpoint, after a transient failure.
+    RETRYING = "retrying"
+    #: Not started: ``max_active_runs`` runs of its pipeline are active.
+    WAITING = "waiting"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the run reached a terminal status in this execution."""
+        return self in {Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED}
 
 
 @dataclass
@@ -67,8 +98,22 @@ class _Attempt:
     started: float
     #: When the run first started (its first attempt), for the run's whole duration.
     first_started: datetime
+    #: The run as it was when this attempt took it (params, data interval, retries).
+    run: Run | None = None
+    #: When this attempt must have ended (``run_timeout``), on the monotonic clock.
+    deadline: float = float("inf")
     #: High-water marks (JSON-encoded) of the last successful run, by resource.
     previous_marks: dict[str, Any] = field(default_factory=dict)
+    destination: Destination | None = None
+
+    def scope(self) -> RunScope:
+        """The run as its destination sees it at the end."""
+        return RunScope(
+            self.pipeline.name,
+            self.lease.run_id,
+            self.lease.epoch,
+            {r.name: WriteSpec.of(r) for r in self.pipeline.resources},
+        )
 
 
 def error_summary(exc: BaseException) -> str:
@@ -80,42 +125,88 @@ def error_summary(exc: BaseException) -> str:
 class Runner:
     """Executes runs in this process."""
 
-    def __init__(self, runtime: Runtime, stop: StopFlag) -> None:
+    def __init__(
+        self, runtime: Runtime, stop: StopFlag, terminate: Callable[[str], None] | None = None
+    ) -> None:
         self.rt = runtime
         self.settings = runtime.settings
         self.store = runtime.store
         self.stop = stop
+        #: Ends this process when its runner is stuck past the point of stopping (a pool
+        #: child only; see :class:`~worker.heartbeat.Heartbeat`).
+        self.terminate = terminate
 
     # -- entry point ----------------------------------------------------------
 
     def execute(self, run_id: str) -> Outcome:
-        """Take the lease on ``run_id`` and run it; a second delivery is a no-op."""
+        """Take the lease on ``run_id`` and run it; a second delivery is a no-op.
+
+        A run over its pipeline's ``max_active_runs`` is not taken: it stays queued
+        (``waiting``), with an entry naming the run it waits for.
+        """
         owner = self.settings.identity()
         quiet = get_logger(worker_id=owner, run=run_id)  # stdout only: no run_id, no entry
         base_log = get_logger(run_id=run_id, worker_id=owner)
+        try:
+            queued = self.store.get_run(run_id)
+        except QuarryError:
+            quiet.info("lease_not_acquired", message="Run is not in the store; skipping")
+            return Outcome.SKIPPED
+        declared: Pipeline | None = None
+        # A broken file: taken without a limit, the run fails below with the config error.
+        with contextlib.suppress(QuarryError):
+            declared = get_pipeline(self.settings.pipelines_file, queued.pipeline)
 
         def acquired(lease: Lease) -> list[NewEntry]:
+            interval = _interval_fields(queued)
             with self.rt.sink.hold() as held:
                 base_log.bind(attempt=lease.attempt, epoch=lease.epoch).info(
                     Event.LEASE_ACQUIRED,
                     message=f"Worker {owner} took ownership (attempt {lease.attempt})",
                     lease_epoch=lease.epoch,
                     lease_ttl_seconds=self.settings.lease_ttl_seconds,
+                    **interval,
                 )
             return held
 
-        lease = self.store.acquire(run_id, owner, self.settings.lease_ttl_seconds, acquired)
-        if lease is None:
+        def waiting(blocker: str) -> list[NewEntry]:
+            limit = declared.max_active_runs if declared else 1
+            with self.rt.sink.hold() as held:
+                base_log.bind(attempt=queued.attempt).info(
+                    Event.RUN_WAITING,
+                    message=(
+                        f"Waiting for {blocker}: {queued.pipeline} allows "
+                        f"{wording.plural(limit, 'active run')} (max_active_runs)"
+                    ),
+                    waiting_for=blocker,
+                    max_active_runs=limit,
+                )
+            return held
+
+        taken = self.store.acquire(
+            run_id,
+            owner,
+            self.settings.lease_ttl_seconds,
+            acquired,
+            max_active=declared.max_active_runs if declared else None,
+            on_wait=waiting,
+        )
+        if isinstance(taken, Waiting):
+            quiet.info("run_waiting", message=f"Run waits for {taken.blocker}; left queued")
+            return Outcome.WAITING
+        if taken is None:
             quiet.info("lease_not_acquired", message="Run is not claimable here; skipping")
             return Outcome.SKIPPED
+        lease = taken
         log = base_log.bind(attempt=lease.attempt, epoch=lease.epoch)
         run = self.store.get_run(run_id)
         telemetry = Telemetry(1, run.telemetry_summary)
-        heartbeat = Heartbeat(self.store, lease, self.settings, telemetry, log)
-        heartbeat.start()
+        heartbeat = Heartbeat(
+            self.store, lease, self.settings, telemetry, log, terminate=self.terminate
+        )
         attempt: _Attempt | None = None
         try:
-            pipeline = get_pipeline(self.settings.pipelines_file, run.pipeline)
+            pipeline = declared or get_pipeline(self.settings.pipelines_file, run.pipeline)
             attempt = _Attempt(
                 lease,
                 log,
@@ -125,11 +216,19 @@ class Runner:
                 heartbeat,
                 time.monotonic(),
                 run.started_at or datetime.now(UTC),
+                run=run,
+                deadline=time.monotonic() + pipeline.run_timeout.total_seconds(),
             )
+            heartbeat.deadline = attempt.deadline
+            heartbeat.start()
             return self._run(attempt, run.params)
         except LeaseLost:
             self.rt.writer.discard(run_id)
             quiet.warning("lease_lost", message="Lease taken over; stopped without writing more")
+            if attempt is not None and self.store.get_run(run_id).status.terminal:
+                # Ended by someone else (a forced cancel): nobody writes to it any more,
+                # so what its write modes must not leave can go.
+                self._abort(attempt)
             return Outcome.LEASE_LOST
         except Exception as exc:
             return self._fail(lease, log, telemetry, exc, attempt)
@@ -152,8 +251,11 @@ class Runner:
             destination = build_destination(
                 pipeline.destination.type, destination_options, self.settings.files_root
             )
+            a.destination = destination
+            interval = _interval(a.run)
             plans = {
-                r.name: (plan_slices(r.slices) if r.slices else None) for r in pipeline.resources
+                r.name: (plan_slices(r.slices, interval) if r.slices else None)
+                for r in pipeline.resources
             }
             a.telemetry.units_total = sum(len(p) if p else 1 for p in plans.values())
             a.telemetry.unit_done(self._units_already_done(a.checkpoint, plans))
@@ -166,6 +268,7 @@ class Runner:
                 source=pipeline.source.type,
                 destination=destination.describe(),
                 resumed=bool(a.checkpoint.get("resources")),
+                **_interval_fields(a.run),
             )
             try:
                 for position, resource in enumerate(pipeline.resources):
@@ -180,6 +283,8 @@ class Runner:
             except StopRequested as stop:
                 return self._stop(a, stop)
             totals = checkpoints.totals(a.checkpoint)
+            self._check(a)
+            publish = destination.prepare_finish(a.scope(), a.log)
             a.log.info(
                 Event.EXTRACTION_COMPLETED,
                 message=(
@@ -189,10 +294,10 @@ class Runner:
                 resources=len(names),
                 **totals,
             )
-            self._complete(a, totals)
+            self._complete(a, totals, publish)
             return Outcome.SUCCEEDED
         finally:
-            source.close()
+            _close_quietly(source)
             if destination is not None:
                 destination.close()
 
@@ -308,7 +413,12 @@ class Runner:
                 window_end=format_bound(window.end),
             )
         key = SliceKey(
-            a.pipeline.name, a.lease.run_id, name, window.index if window else 0, a.lease.epoch
+            a.pipeline.name,
+            a.lease.run_id,
+            name,
+            window.index if window else 0,
+            a.lease.epoch,
+            WriteSpec.of(resource),
         )
         state = checkpoints.resource_state(a.checkpoint, name)
         since = state["since"] if "since" in state else a.previous_marks.get(name)
@@ -320,7 +430,13 @@ class Runner:
         )
         staged: StagedSlice = destination.stage(key, a.log)
         try:
-            for page in source.read(resource, window, context):
+            pages = read_pages(
+                source.read(resource, window, context),
+                page_timeout=a.pipeline.page_timeout.total_seconds(),
+                check=lambda: self._check(a),
+                what=f"{name}" + (f" slice {window.index}/{window.total}" if window else ""),
+            )
+            for page in pages:
                 staged.write(page)
                 self._check(a)
             stats = staged.seal()
@@ -367,6 +483,9 @@ class Runner:
             raise StopRequested(self.stop.signal_name or StopReason.SIGTERM)
         if a.heartbeat.cancel_requested.is_set():
             raise StopRequested(StopReason.CANCELLED)
+        if time.monotonic() > a.deadline:
+            limit = wording.format_duration(a.pipeline.run_timeout.total_seconds())
+            raise RunTimeout(f"the attempt ran longer than its run_timeout ({limit})")
 
     def _pause(self, a: _Attempt, seconds: float) -> None:
         """A source's backoff sleep, itself a safe point: it ends early on a stop."""
@@ -406,13 +525,19 @@ class Runner:
         *,
         telemetry: Telemetry,
         error: str | None = None,
+        before_commit: Publish | None = None,
     ) -> None:
         """End the attempt with ``status`` and its entries, in one fenced transaction."""
         self._state_change(
             lease,
             emit,
             lambda entries: self.store.finish(
-                lease, status, entries, error_summary=error, summary=telemetry.snapshot()
+                lease,
+                status,
+                entries,
+                error_summary=error,
+                summary=telemetry.snapshot(),
+                before_commit=before_commit,
             ),
         )
 
@@ -451,7 +576,7 @@ class Runner:
 
     # -- endings --------------------------------------------------------------
 
-    def _complete(self, a: _Attempt, totals: dict[str, int]) -> None:
+    def _complete(self, a: _Attempt, totals: dict[str, int], publish: Publish | None) -> None:
         elapsed = time.monotonic() - a.started
         # The run's duration is one figure everywhere: from its first start to its end,
         # what `quarry runs show` calls "took"; this attempt's own time is said apart.
@@ -474,6 +599,7 @@ class Runner:
                 **totals,
             ),
             telemetry=a.telemetry,
+            before_commit=publish,
         )
 
     def _stop(self, a: _Attempt, stop: StopRequested) -> Outcome:
@@ -490,6 +616,7 @@ class Runner:
                 ),
                 telemetry=a.telemetry,
             )
+            self._abort(a)
             return Outcome.CANCELLED
         a.telemetry.set(current_phase=Phase.INTERRUPTED)
         where = (
@@ -519,8 +646,12 @@ class Runner:
         attempt: _Attempt | None,
     ) -> Outcome:
         summary = error_summary(exc)
-        telemetry.set(current_phase=Phase.FAILED)
+        retry = self._retry_delay(attempt, exc)
         try:
+            if attempt is not None and retry is not None:
+                self._queue_retry(attempt, exc, summary, retry)
+                return Outcome.RETRYING
+            telemetry.set(current_phase=Phase.FAILED)
             self._finish(
                 lease,
                 Status.FAILED,
@@ -530,6 +661,7 @@ class Runner:
                     error=summary,
                     error_type=type(exc).__name__,
                     source_error=isinstance(exc, SourceError),
+                    retryable=is_retryable(exc),
                     checkpoint=(attempt.checkpoint.get("position") if attempt else None),
                 ),
                 telemetry=telemetry,
@@ -538,4 +670,84 @@ class Runner:
         except LeaseLost:
             self.rt.writer.discard(lease.run_id)
             return Outcome.LEASE_LOST
+        if attempt is not None:
+            self._abort(attempt)
         return Outcome.FAILED
+
+    def _retry_delay(self, a: _Attempt | None, exc: BaseException) -> timedelta | None:
+        """How long before the next try, when the pipeline's retry policy allows one."""
+        if a is None or a.run is None or not is_retryable(exc):
+            return None
+        if a.heartbeat.cancel_requested.is_set() or a.run.retries >= a.pipeline.retries:
+            return None
+        base, cap = a.pipeline.retry_delay, a.pipeline.retry_max_delay
+        ceiling: timedelta = min(cap, base * 2**a.run.retries)
+        # Jitter: runs that failed together (a database restart) do not retry together.
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+
+    def _queue_retry(self, a: _Attempt, exc: BaseException, summary: str, delay: timedelta) -> None:
+        assert a.run is not None
+        due = datetime.now(UTC) + delay
+        number = a.run.retries + 1
+        position = a.checkpoint.get("position")
+        a.telemetry.set(current_phase=Phase.RETRYING)
+        self._state_change(
+            a.lease,
+            lambda: a.log.warning(
+                Event.RUN_RETRY,
+                message=(
+                    f"Attempt {a.lease.attempt} failed: {summary}; retry {number}/"
+                    f"{a.pipeline.retries} at {due:%H:%M:%S} UTC "
+                    f"(in {wording.format_duration(delay.total_seconds())}), from its checkpoint"
+                ),
+                error=summary,
+                error_type=type(exc).__name__,
+                retry=number,
+                retries=a.pipeline.retries,
+                next_attempt=a.lease.attempt + 1,
+                not_before=due.isoformat(),
+                delay_seconds=round(delay.total_seconds(), 3),
+                checkpoint=position,
+            ),
+            lambda entries: self.store.requeue_for_retry(
+                a.lease,
+                entries,
+                not_before=due,
+                error_summary=summary,
+                summary=a.telemetry.snapshot(),
+            ),
+        )
+
+    def _abort(self, a: _Attempt) -> None:
+        """After a terminal failure or cancel: what the write modes must not leave behind."""
+        if a.destination is None:
+            return
+        try:
+            a.destination.abort(a.scope(), a.log)
+        except Exception as exc:
+            a.log.warning(
+                Event.RUN_CLEANUP_FAILED,
+                message=f"Could not remove the run's output: {error_summary(exc)}",
+                error=error_summary(exc),
+            )
+
+
+def _interval(run: Run | None) -> tuple[datetime, datetime] | None:
+    if run is None or run.interval_start is None or run.interval_end is None:
+        return None
+    return run.interval_start, run.interval_end
+
+
+def _interval_fields(run: Run | None) -> dict[str, Any]:
+    """A run's data interval, for the entries that open an attempt (none when it has none)."""
+    interval = _interval(run)
+    if interval is None:
+        return {}
+    return {"interval_start": interval[0].isoformat(), "interval_end": interval[1].isoformat()}
+
+
+def _close_quietly(source: Source) -> None:
+    """Close a source without waiting on a reader thread that a hung page left blocked."""
+    closer = threading.Thread(target=source.close, name="quarry-source-close", daemon=True)
+    closer.start()
+    closer.join(timeout=CLOSE_SECONDS)

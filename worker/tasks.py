@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -11,9 +13,10 @@ from celery import signals as celery_signals
 
 from worker import signals, webhooks
 from worker.celery_app import EXECUTE_RUN, WEBHOOK, app
-from worker.errors import first_line
-from worker.publish import publish_resumed
-from worker.recovery import fast_recover
+from worker.errors import QuarryError, first_line
+from worker.pipelines import get_pipeline
+from worker.publish import publish_resumed, publish_run
+from worker.recovery import fast_recover, wake_waiting
 from worker.runner import Outcome, Runner
 from worker.runtime import close_runtime, get_runtime, prepare_store
 from worker.scrub import scrub
@@ -32,7 +35,9 @@ def execute_run(run_id: str) -> str:
     signals.install()
     signals.stop_flag.clear()
     runtime = get_runtime()
-    outcome = Runner(runtime, signals.stop_flag).execute(run_id)
+    outcome = Runner(runtime, signals.stop_flag, terminate=_terminate).execute(run_id)
+    if outcome.ended or outcome is Outcome.LEASE_LOST:
+        _wake_next(run_id)
     if outcome is Outcome.INTERRUPTED:
         # Wake the watchdog now rather than at its next sweep: another worker
         # resumes the run within seconds of this one stopping.
@@ -43,6 +48,35 @@ def execute_run(run_id: str) -> str:
         except Exception:
             log.warning("fast recovery of %s failed; the watchdog will retry", run_id)
     return outcome.value
+
+
+def _wake_next(run_id: str) -> None:
+    """A run ended: start the next run of its pipeline that ``max_active_runs`` held back."""
+    runtime = get_runtime()
+    try:
+        run = runtime.store.get_run(run_id)
+        limit = 1
+        with contextlib.suppress(QuarryError):
+            limit = get_pipeline(runtime.settings.pipelines_file, run.pipeline).max_active_runs
+        wake_waiting(runtime.store, run.pipeline, limit, publish_run)
+    except Exception:
+        log.warning("waking the runs waiting behind %s failed; the watchdog will", run_id)
+
+
+def _terminate(reason: str) -> None:
+    """End this pool child: its runner is stuck in a call that never returns.
+
+    Safe because the lease fence refuses whatever the stuck call would still write;
+    Celery starts a new child, and the message it gives back finds the run ended.
+    """
+    from billiard.process import current_process  # noqa: PLC0415 - only when it happens
+
+    if current_process().name == "MainProcess":  # the solo pool: the worker itself
+        sys.stderr.write(f"quarry worker: {reason}; not a pool child, left running\n")
+        return
+    sys.stderr.write(f"quarry worker: {reason}; ending pool process {os.getpid()}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @app.task(name=WEBHOOK, bind=True, ignore_result=True, max_retries=webhooks.MAX_ATTEMPTS)

@@ -20,6 +20,7 @@ class Phase(enum.StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     FAILED = "failed"
+    RETRYING = "retrying"
 
 
 class Telemetry:

@@ -222,7 +222,7 @@ def _claim(store: Store, settings: Settings, run: Run, owner: str) -> Lease:
         msg = f"cannot claim run {run.id}: it is {run.status.value}, not queued"
         raise IllegalTransition(msg)
     lease = store.acquire(run.id, owner, settings.lease_ttl_seconds, _claimed(run, owner))
-    if lease is None:
+    if not isinstance(lease, Lease):  # no limit is asked for: never Waiting
         msg = f"run {run.id} was claimed by someone else"
         raise PatchRefused(msg)
     return lease
