@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 from scheduler import watchdog
-from worker.celery_app import RETENTION, WATCHDOG, app
-from worker.publish import publish_resumed
+from scheduler.ticker import Ticker
+from worker.celery_app import RETENTION, SCHEDULE_TICK, WATCHDOG, app
+from worker.errors import ConfigError
+from worker.pipelines import load_pipelines
+from worker.publish import publish_resumed, publish_run
 from worker.runtime import get_runtime
+
+#: This process's schedule memory (each pool child keeps its own).
+_TICKER = Ticker()
+_LAST_ERROR: str | None = None
+_log = logging.getLogger("quarry.scheduler")
+
+
+@app.task(name=SCHEDULE_TICK, ignore_result=True)
+def schedule_tick() -> dict[str, int]:
+    """Create the scheduled runs that are due and publish due retries."""
+    global _LAST_ERROR  # noqa: PLW0603 - one line per new error, not one per second
+    runtime = get_runtime()
+    try:
+        pipelines = load_pipelines(runtime.settings.pipelines_file)
+        _LAST_ERROR = None
+    except ConfigError as exc:
+        # Schedules wait for a good file; their clocks are in the store, so nothing is lost.
+        if str(exc) != _LAST_ERROR:
+            _log.error("schedules paused until the pipelines file is fixed: %s", exc)
+        _LAST_ERROR = str(exc)
+        pipelines = {}
+    result = _TICKER.tick(
+        runtime.store,
+        pipelines,
+        datetime.now(UTC),
+        publish=publish_run,
+        publish_resumed=publish_resumed,
+    )
+    return {"created": len(result.created), "retried": len(result.retried)}
 
 
 @app.task(name=WATCHDOG, ignore_result=True)

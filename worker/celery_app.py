@@ -18,6 +18,8 @@ WATCHDOG = "quarry.watchdog"
 RETENTION = "quarry.retention"
 #: Name of the webhook delivery task.
 WEBHOOK = "quarry.webhook"
+#: Name of the schedule tick.
+SCHEDULE_TICK = "quarry.schedule_tick"
 
 #: Redis redelivers an unacked message after this long. The lease, not the broker,
 #: decides who runs, so a redelivery while the run is alive is a harmless no-op.
@@ -55,6 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             WATCHDOG: {"queue": control},
             RETENTION: {"queue": control},
             WEBHOOK: {"queue": control},
+            SCHEDULE_TICK: {"queue": control},
         },
         "beat_schedule": {
             "quarry-watchdog": {
@@ -62,6 +65,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.watchdog_interval_seconds,
                 # A sweep no worker took in time is stale; the next one supersedes it.
                 "options": {"queue": control, "expires": settings.watchdog_interval_seconds},
+            },
+            # Pipelines' schedules: a tick nobody took in time is superseded by the next.
+            "quarry-schedule": {
+                "task": SCHEDULE_TICK,
+                "schedule": settings.schedule_tick_seconds,
+                "options": {"queue": control, "expires": settings.schedule_tick_seconds},
             },
             "quarry-retention": {
                 "task": RETENTION,

@@ -8,6 +8,7 @@ the pipeline and the field.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -270,13 +271,13 @@ class Pipeline(BaseModel):
             for resource in self.resources:
                 if resource.slices is not None and resource.slices.window == "interval":
                     msg = (
-                        f"resources.{resource.name}.slices.window: \"interval\" needs "
+                        f'resources.{resource.name}.slices.window: "interval" needs '
                         "the pipeline's schedule (a data interval comes from one)"
                     )
                     raise ValueError(msg)
         return self
 
-    @property
+    @functools.cached_property
     def cron(self) -> Schedule | None:
         """The schedule, parsed; None for a pipeline that only runs when triggered."""
         return None if self.schedule is None else Schedule(self.schedule, self.timezone)

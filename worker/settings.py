@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     #: Attempts (first run + recoveries) before a run is given up.
     max_attempts: int = Field(default=3, ge=1)
+    #: How often beat ticks the pipelines' schedules (and publishes due retries).
+    schedule_tick_seconds: float = Field(default=1.0, gt=0, le=60)
+    #: Most runs one backfill may create.
+    max_backfill_runs: int = Field(default=1000, ge=1, le=100_000)
     #: How often beat schedules the watchdog sweep.
     watchdog_interval_seconds: float = Field(default=10.0, gt=0)
     #: A run queued this long without a worker taking it is re-published (lost message).
