@@ -8,9 +8,9 @@ def format_count(value: int) -> str:
     return f"{value:,}"
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 file``, ``3 files``, ``12,500 rows``."""
-    return f"{format_count(count)} {noun if count == 1 else noun + 's'}"
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 file``, ``3 files``, ``12,500 rows``; ``nouns`` when the plural is not noun + s."""
+    return f"{format_count(count)} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def format_duration(seconds: float) -> str:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from worker.api import health, logs, metrics, runs, stream
+from worker.api import health, logs, metrics, pipelines, runs, stream
 from worker.api.guard import Guard
 from worker.api.responses import error, unavailable
 from worker.errors import InvalidInput
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Quarry", version="1", lifespan=lifespan)
     app.add_middleware(Guard)
     _handle_errors(app)
-    for module in (health, runs, logs, metrics):
+    for module in (health, runs, pipelines, logs, metrics):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

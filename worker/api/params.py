@@ -151,4 +151,10 @@ class NoQuery(_Query):
     """A route that takes no query parameters refuses any (400)."""
 
 
+class CancelQuery(_Query):
+    """``POST …/cancel``: ``force=true`` ends a running run now (see ``quarry runs cancel``)."""
+
+    force: bool = False
+
+
 NoQueryDep = Annotated[NoQuery, Query()]

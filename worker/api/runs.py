@@ -17,7 +17,7 @@ from worker.api.auth import (
     visible_run,
 )
 from worker.api.external import PatchRefused, RunPatch, apply_patch
-from worker.api.params import AgentQuery, NoQueryDep, RunsQuery
+from worker.api.params import AgentQuery, CancelQuery, NoQueryDep, RunsQuery
 from worker.api.responses import documented, json_body
 from worker.errors import (
     ConfigError,
@@ -32,6 +32,7 @@ from worker.limits import BoundedJson
 from worker.models import Run, Status
 from worker.publish import publish_run
 from worker.settings import Settings
+from worker.store.tokens import Token
 
 #: A runs-page cursor names a run; one this token cannot see answers as an unknown one does.
 _NO_CURSOR_RUN = "cursor: no such run in this view (a cursor is the last run id of a page)"
@@ -81,15 +82,21 @@ def list_runs(db: StoreDep, token: TokenDep, q: Annotated[RunsQuery, Query()]) -
 
 @router.post("/api/v1/action-runs", status_code=201, responses=documented(401, 403, 404))
 def trigger(
-    body: TriggerBody, db: StoreDep, settings: SettingsDep, _token: OperatorDep, _q: NoQueryDep
+    body: TriggerBody, db: StoreDep, settings: SettingsDep, token: OperatorDep, _q: NoQueryDep
 ) -> Response:
-    """Queue a run of a pipeline; 201 with the run."""
+    """Queue a run of a pipeline; 201 with the run (``triggered_by`` names the token)."""
     try:
         run = control.trigger(
-            db, settings, publish_run, body.pipeline, body.params, gateway=body.gateway
+            db,
+            settings,
+            publish_run,
+            body.pipeline,
+            body.params,
+            gateway=body.gateway,
+            triggered_by=token_label(token),
         )
     except QuarryError as exc:
-        raise HTTPException(_status_of(exc), _without_paths(str(exc), settings)) from None
+        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body(run.as_dict(), 201)
 
 
@@ -100,11 +107,15 @@ def get_run(run_id: str, db: StoreDep, token: TokenDep, _q: NoQueryDep) -> Respo
 
 
 @router.post("/api/v1/action-runs/{run_id}/cancel", responses=documented(401, 403, 404, 409))
-def cancel(run_id: str, db: StoreDep, token: OperatorDep, _q: NoQueryDep) -> Response:
-    """Cancel: at once when queued or interrupted, at the next heartbeat when running."""
+def cancel(
+    run_id: str, db: StoreDep, token: OperatorDep, q: Annotated[CancelQuery, Query()]
+) -> Response:
+    """Cancel: at once when queued or interrupted, at the next heartbeat when running;
+    with ``force=true`` a running run ends now (its worker's writes are refused)."""
     visible_run(db, token, run_id)
     try:
-        return json_body(control.cancel(db, run_id).as_dict())
+        run = control.cancel(db, run_id, force=q.force, by=token_label(token))
+        return json_body(run.as_dict())
     except IllegalTransition as exc:
         raise HTTPException(409, str(exc)) from None
 
@@ -156,7 +167,12 @@ def agent_runs(db: StoreDep, token: ReporterDep, q: Annotated[AgentQuery, Query(
     return _page(runs, q.limit)
 
 
-def _without_paths(message: str, settings: Settings) -> str:
+def token_label(token: Token) -> str:
+    """How a run records the token that acted: ``token:NAME``."""
+    return f"token:{token.name}"
+
+
+def without_paths(message: str, settings: Settings) -> str:
     """``message`` with the server's pipelines file named by its file name only: a client
     learns which file, never where the server keeps it."""
     path = settings.pipelines_file
@@ -167,7 +183,8 @@ def _without_paths(message: str, settings: Settings) -> str:
     return message
 
 
-def _status_of(exc: QuarryError) -> int:
+def status_of(exc: QuarryError) -> int:
+    """The HTTP status of an operator action's error."""
     if isinstance(exc, UnknownPipeline):
         return 404
     if isinstance(exc, ConfigError | InvalidInput):

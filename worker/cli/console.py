@@ -16,7 +16,7 @@ from worker import jsonfmt, telemetry
 from worker.models import Entry, Level, Run, Status
 from worker.runlog import escape_controls
 from worker.store import Store, utcnow
-from worker.wording import format_count, format_duration
+from worker.wording import format_count, format_duration, plural
 
 _LEVEL_STYLE = {
     Level.DEBUG: "dim",
@@ -176,7 +176,8 @@ def run_panel(run: Run) -> Table:
         ("run", plain(run.id)),
         ("pipeline", plain(run.pipeline)),
         ("status", status_text(run.status)),
-        ("attempt", str(run.attempt)),
+        ("started by", plain(origin_text(run))),
+        ("attempt", attempt_text(run)),
         ("worker", plain(run.lease_owner or "-")),
         ("progress", f"{telemetry.progress(summary):.1f}%"),
         ("rows", format_count(telemetry.counter(summary, "rows_loaded"))),
@@ -189,6 +190,14 @@ def run_panel(run: Run) -> Table:
             f"{run_duration(run)} from its first start" if run.attempt > 1 else run_duration(run),
         ),
     ]
+    if run.interval_start and run.interval_end:
+        rows.append(
+            ("interval", f"{run.interval_start.isoformat()} to {run.interval_end.isoformat()}")
+        )
+    if run.waiting_for and run.status is Status.QUEUED:
+        rows.append(("waiting for", plain(f"{run.waiting_for} (max_active_runs)")))
+    if run.not_before and run.status is Status.QUEUED:
+        rows.append(("retry at", run.not_before.isoformat()))
     if run.gateway:
         rows.append(("gateway", plain(run.gateway)))
     if run.params:
@@ -198,6 +207,27 @@ def run_panel(run: Run) -> Table:
     for key, value in rows:
         grid.add_row(key, value)
     return grid
+
+
+def origin_text(run: Run) -> str:
+    """How a run started: ``manual by token:ci``, ``schedule, fired 2026-…``, ``backfill …``."""
+    text = run.trigger
+    if run.triggered_by:
+        text += f" by {run.triggered_by}"
+    if run.fire_time is not None:
+        text += f", fire time {run.fire_time.isoformat()}"
+    return text
+
+
+def attempt_text(run: Run) -> str:
+    """The attempt number, and what the attempts after the first were: ``3 (1 retry, 1
+    recovery)``."""
+    parts = []
+    if run.retries:
+        parts.append(plural(run.retries, "retry", "retries"))
+    if run.recoveries:
+        parts.append(plural(run.recoveries, "recovery", "recoveries"))
+    return f"{run.attempt} ({', '.join(parts)})" if parts else str(run.attempt)
 
 
 def follow(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -20,15 +22,27 @@ from worker.models import Status
 from worker.publish import publish_run
 from worker.settings import get_settings
 from worker.store import Store
+from worker.wording import plural
 
 app = typer.Typer(
     rich_markup_mode=None, help="Trigger, list, show and cancel runs.", no_args_is_help=True
 )
 
 
+def cli_user() -> str:
+    """Who runs a CLI command, as a run records it: ``cli:USER``."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        return "cli"
+
+
 def trigger_run(store: Store, pipeline: str, params: dict[str, Any]) -> str:
     """Create a queued run and publish it (see :func:`worker.control.trigger`)."""
-    return control.trigger(store, get_settings(), publish_run, pipeline, params).id
+    settings = get_settings()
+    return control.trigger(
+        store, settings, publish_run, pipeline, params, triggered_by=cli_user()
+    ).id
 
 
 @app.command("trigger")
@@ -60,16 +74,82 @@ def runs_trigger(
 @app.command("cancel")
 def runs_cancel(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help=(
+                "End a running run now, without waiting for a safe point: its worker's "
+                "writes are refused from now on, and a worker stuck in a call is ended."
+            ),
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Cancel a run: at once if queued or interrupted, at its next heartbeat if running."""
-    run = control.cancel(open_store(), run_id)
+    run = control.cancel(open_store(), run_id, force=force, by=cli_user())
     if as_json:
         print_json(run.as_dict())
     elif run.status is Status.CANCELLED:
-        out.print(f"cancelled {run.id}")
+        out.print(f"cancelled {run.id}" + (" by force" if force else ""))
     else:
-        out.print(f"cancel requested for {run.id}; its worker stops at the next heartbeat")
+        out.print(
+            f"cancel requested for {run.id}; its worker stops at the next heartbeat "
+            "(--force ends it now)"
+        )
+
+
+@app.command("backfill")
+def runs_backfill(
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="Pipeline name.")],
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from", metavar="WHEN", help="Range start, ISO 8601 (UTC without an offset)."
+        ),
+    ],
+    end: Annotated[
+        str, typer.Option("--to", metavar="WHEN", help="Range end, ISO 8601 (UTC without one).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Queue one run per schedule interval of PIPELINE within [--from, --to].
+
+    Intervals that already have a run (an earlier backfill, the schedule's own run)
+    are skipped, so repeating a backfill adds nothing.
+    """
+    done = control.backfill(
+        open_store(),
+        get_settings(),
+        publish_run,
+        pipeline,
+        start=_when("--from", start),
+        end=_when("--to", end),
+        triggered_by=cli_user(),
+    )
+    if as_json:
+        print_json(
+            {
+                "intervals": done.intervals,
+                "created": len(done.created),
+                "existing": done.existing,
+                "runs": [r.as_dict() for r in done.created],
+            }
+        )
+        return
+    out.print(
+        f"queued {plural(len(done.created), 'run')} for "
+        f"{plural(done.intervals, 'interval')} of {pipeline}"
+        + (f" ({done.existing:,} already had one)" if done.existing else "")
+    )
+
+
+def _when(option: str, value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        msg = f"{option}: expected an ISO 8601 date or date-time, got {value!r}"
+        raise UsageError(msg) from None
 
 
 @app.command("list")
