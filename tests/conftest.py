@@ -102,7 +102,7 @@ def truncate(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens, webhook_deliveries RESTART IDENTITY CASCADE"
+                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens, webhook_deliveries, pipeline_state RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()

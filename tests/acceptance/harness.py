@@ -36,6 +36,7 @@ QUARRY = Path(sys.executable).parent / "quarry"
 
 PIPELINES = """
 [pipelines.small]
+max_active_runs = 20
 source = { type = "demo", seed = 7, profiles = 300, events_per_slice = 40, lists = 5, page_size = 20 }
 resources = [
   { name = "profiles" },
@@ -44,6 +45,7 @@ resources = [
 ]
 
 [pipelines.slow]
+max_active_runs = 20
 source = { type = "demo", seed = 9, profiles = 100, events_per_slice = 60, lists = 3, page_size = 20, page_latency_ms = 60 }
 resources = [
   { name = "profiles" },

@@ -42,6 +42,7 @@ PG_ADMIN = os.environ.get(
 
 PIPELINE = """
 [pipelines.chaos]
+max_active_runs = 100
 source = {{ type = "demo", seed = 11, profiles = 200, events_per_slice = 40, lists = 4, page_size = 10, page_latency_ms = {latency} }}
 resources = [
   {{ name = "profiles" }},

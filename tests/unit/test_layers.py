@@ -41,5 +41,5 @@ def test_the_celery_app_is_found_lazily() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == (
-        "['quarry.execute_run', 'quarry.retention', 'quarry.watchdog', 'quarry.webhook']"
+        "['quarry.execute_run', 'quarry.retention', 'quarry.schedule_tick', 'quarry.watchdog', 'quarry.webhook']"
     )
