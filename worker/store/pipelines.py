@@ -261,4 +261,3 @@ class PipelineQueries:
                 )
                 found[name] = [run_from_row(row) for row in conn.execute(query)]
         return found
-
