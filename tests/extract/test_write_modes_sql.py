@@ -379,22 +379,23 @@ def test_merge_refuses_a_table_with_duplicate_keys(target: Target) -> None:
 
 
 def test_merge_on_a_composite_key(target: Target) -> None:
-    """Rows match on every key column; the key's order in the config does not matter."""
+    """Rows match on every key column (a mixed-case one too); the key's order in the config
+    does not matter."""
     d, look = target
-    spec = WriteSpec(WriteMode.MERGE, ("region", "id"))
+    spec = WriteSpec(WriteMode.MERGE, ("Region", "id"))
     write(
         d,
         key(spec, 1, run="run_1"),
-        [{"region": r, "id": i, "v": f"{r}{i}"} for r in ("eu", "us") for i in (1, 2)],
+        [{"Region": r, "id": i, "v": f"{r}{i}"} for r in ("eu", "us") for i in (1, 2)],
     )
-    write(d, key(spec, 1, run="run_2"), [{"id": 1, "region": "us", "v": "new"}])
+    write(d, key(spec, 1, run="run_2"), [{"id": 1, "Region": "us", "v": "new"}])
     write(
         d,
-        key(WriteSpec(WriteMode.MERGE, ("id", "region")), 1, run="run_3"),
-        [{"id": 3, "region": "eu", "v": "eu3"}],
+        key(WriteSpec(WriteMode.MERGE, ("id", "Region")), 1, run="run_3"),
+        [{"id": 3, "Region": "eu", "v": "eu3"}],
     )
     got = look.execute(
-        f'SELECT region, id, v FROM "{d.config.db_schema}".raw_orders ORDER BY 1, 2'
+        f'SELECT "Region", id, v FROM "{d.config.db_schema}".raw_orders ORDER BY 1, 2'
     ).fetchall()
     assert got == [
         ("eu", 1, "eu1"), ("eu", 2, "eu2"), ("eu", 3, "eu3"), ("us", 1, "new"), ("us", 2, "us2"),

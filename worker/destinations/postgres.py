@@ -3,13 +3,40 @@
 A slice's transaction first claims the slice in ``_quarry_slices`` under the
 writer's lease epoch (a row lock that serialises writers of the same slice;
 an older epoch than the one recorded is refused with :class:`LeaseLost`), then
-deletes the rows an earlier attempt of the slice left, then streams the pages
-in with ``COPY``. It commits inside the run's fenced checkpoint transaction,
-so a redone slice replaces its rows and a stale lease cannot write.
+streams the pages in with ``COPY``. It commits inside the run's fenced
+checkpoint transaction, so a stale lease cannot write.
 
-Every row carries ``_quarry_run_id`` and ``_quarry_slice`` (indexed) and
-``_quarry_loaded_at``. The table is created from the first page's values if it
-is absent. Schema drift:
+What a slice does with its rows, and what a run that ends ``failed`` or
+``cancelled`` leaves behind, depends on the resource's ``write_mode``:
+
+- **append**: the slice first deletes the rows an earlier attempt of it left
+  (by ``_quarry_run_id`` and ``_quarry_slice``), so a redone slice replaces its
+  rows. A failed or cancelled run keeps its committed slices
+  (``on_failure = "keep"``) or has them deleted again (``"remove"``: every row
+  of the run, by ``_quarry_run_id``).
+- **replace**: the slices go to a staging table of the run in the same schema
+  (``_quarry_stage_<hash of table and run id>``, created like the target),
+  with append's claim and redo, so a resumed run continues into it. Before the
+  run's final commit, :meth:`PostgresDestination.prepare_finish` deletes the
+  target's rows and inserts the staging table's in one transaction that it
+  leaves open; the publish step only commits it (with a row in
+  ``_quarry_finished``, which makes a second finish of the run a no-op). Readers
+  see the old rows or the new ones, never a mix and never an error, and the
+  target keeps its grants, indexes and dependent views; the dead rows left
+  behind are autovacuum's. A run without rows empties the target. A failed or
+  cancelled run leaves the target as it was; its staging table is dropped.
+- **merge**: each slice copies its rows into a temporary table, then, in the
+  same transaction, upserts them into the target on ``primary_key`` (a unique
+  index the table is given; existing duplicates are an error): the last row
+  of a key within a slice wins, an existing row takes every non-key column
+  and the bookkeeping columns from it, and with ``hard_delete`` a row whose
+  flag is true deletes its key's row instead. A redone slice upserts again
+  (no delete). A failed or cancelled run leaves its committed slices' upserts
+  in place: a later run of the same data converges to the same table.
+
+Every row carries ``_quarry_run_id``, ``_quarry_slice`` (indexed, except in a
+table made by merge) and ``_quarry_loaded_at``. The table is created from the
+first page's values if it is absent. Schema drift, in every mode:
 
 - a **new column** is added (``ALTER TABLE … ADD COLUMN``) and logged as
   ``schema_changed``;
@@ -24,9 +51,12 @@ is absent. Schema drift:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import operator
 import re
 import uuid
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,10 +68,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats
+from worker.destinations.base import Publish, RunScope, SliceKey, SliceStats, WriteSpec
 from worker.errors import ConfigError, DestinationError, LeaseLost, first_line
 from worker.models import Event
-from worker.pipelines import parse_options
+from worker.pipelines import WriteMode, parse_options
 from worker.runlog import Logger
 from worker.scrub import scrubber
 from worker.sources.base import Page, RowPage
@@ -49,7 +79,15 @@ from worker.sources.base import Page, RowPage
 #: Per-row bookkeeping columns; a user column must not use these names.
 META_COLUMNS = ("_quarry_run_id", "_quarry_slice", "_quarry_loaded_at")
 _INTEGER_TYPES = {"smallint", "integer", "bigint"}
+_WIDER_TYPES = {"double precision", "numeric"}
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column ([^:]+))?")
+#: The per-slice temporary table a merge copies into (dropped at the slice's commit).
+_MERGE_TEMP = sql.Identifier("pg_temp", "_quarry_merge")
+#: Row order within a merge slice, so the last row of a key wins.
+_SEQ = "_quarry_seq"
+#: How long ``_quarry_finished`` remembers a finished replace (a crashed run's retry
+#: comes back well within this).
+_FINISHED_KEPT = "90 days"
 
 
 class PostgresConfig(BaseModel):
@@ -90,6 +128,26 @@ def pg_type(value: Any) -> str | None:
     return "text"
 
 
+def stage_name(table: str, run_id: str) -> str:
+    """The staging table a ``replace`` run writes ``table``'s rows to (38 bytes, deterministic)."""
+    digest = hashlib.sha256(f"{table}\x00{run_id}".encode()).hexdigest()[:24]
+    return f"_quarry_stage_{digest}"
+
+
+def _slice_index(table: str) -> str:
+    """The name of the ``(_quarry_run_id, _quarry_slice)`` index on ``table``."""
+    return f"{table}_quarry_slice_idx"[:63]
+
+
+def _key_index(table: str) -> str:
+    """The name of the unique index merge gives ``table``, within PostgreSQL's 63 bytes."""
+    name = f"{table}_quarry_key"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha256(table.encode()).hexdigest()[:8]
+    return f"{table.encode()[:40].decode(errors='ignore')}_{digest}_quarry_key"
+
+
 def _columns_of(page: Page) -> list[str]:
     """The page's column names: the first row's order, then later arrivals."""
     names = list(page[0])
@@ -100,6 +158,64 @@ def _columns_of(page: Page) -> list[str]:
                 names.append(key)
                 later.discard(key)
     return names
+
+
+def _table_columns(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, str]:
+    """A table's columns and their full types (``numeric(10,2)``), in order; empty if absent."""
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY a.attnum",
+        (schema, table),
+    ).fetchall()
+    return {str(name): str(kind) for name, kind in rows}
+
+
+def _exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (schema, name),
+        ).fetchone()
+        is not None
+    )
+
+
+def _names(columns: Sequence[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+
+
+class _Finish:
+    """A replace run's result: prepared in an open transaction, published by committing it."""
+
+    def __init__(self, conn: psycopg.Connection[Any], tables: list[str]) -> None:
+        self.conn = conn
+        self.tables = tables
+        self.state = "open"
+
+    def publish(self) -> None:
+        """Commit the prepared swap; a second call does nothing."""
+        if self.state == "published":
+            return
+        if self.state != "open":
+            msg = f"the result for {', '.join(self.tables)} was rolled back before it was published"
+            raise DestinationError(msg, retryable=True)
+        try:
+            self.conn.commit()
+        except psycopg.Error as exc:
+            self.state = "failed"
+            msg = f"cannot publish {', '.join(self.tables)}: {first_line(exc)}"
+            raise DestinationError(scrubber.text(msg), retryable=True) from None
+        self.state = "published"
+
+    def discard(self) -> None:
+        """Roll back a prepared result that will not be published."""
+        if self.state == "open":
+            self.state = "discarded"
+            with contextlib.suppress(psycopg.Error):
+                self.conn.rollback()
 
 
 class PostgresDestination:
@@ -130,6 +246,7 @@ class PostgresDestination:
         }
         self._conn: psycopg.Connection[Any] | None = None
         self._ready = False
+        self._pending: _Finish | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> PostgresDestination:
@@ -137,7 +254,14 @@ class PostgresDestination:
         return cls(parse_options(PostgresConfig, options, "destination"))
 
     def connection(self) -> psycopg.Connection[Any]:
-        """The destination's connection, (re)opened and set up on demand."""
+        """The destination's connection, (re)opened and set up on demand.
+
+        A replace result prepared but not published is rolled back first: whatever
+        uses the connection next must not commit it by accident.
+        """
+        if self._pending is not None:
+            self._pending.discard()
+            self._pending = None
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
                 self._conn = psycopg.connect(
@@ -168,6 +292,14 @@ class PostgresDestination:
                         " PRIMARY KEY (dest_table, run_id, slice))"
                     ).format(schema)
                 )
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}._quarry_finished ("
+                        " dest_table text NOT NULL, run_id text NOT NULL, epoch bigint NOT NULL,"
+                        " finished_at timestamptz NOT NULL DEFAULT now(),"
+                        " PRIMARY KEY (dest_table, run_id))"
+                    ).format(schema)
+                )
         except psycopg.errors.UniqueViolation:
             pass  # created concurrently by another worker: it exists now
         except psycopg.Error as exc:
@@ -183,12 +315,194 @@ class PostgresDestination:
         """Open the slice's transaction and claim the slice under the lease epoch."""
         return StagedTable(self, key, log)
 
+    # -- the run's end ----------------------------------------------------------
+
     def prepare_finish(self, scope: RunScope, log: Logger) -> Publish | None:
-        """Append publishes every slice as it commits: nothing is left for the run's end."""
-        return None
+        """Build every ``replace`` resource's new table contents in one open transaction.
+
+        Per target: wait for any other run finishing the same table, refuse if a newer
+        lease epoch wrote the staging table, skip it if ``_quarry_finished`` says this
+        run was published already; otherwise move the staging table's rows into the
+        target (or rename it into place when there is no target) and record the run.
+        The returned step commits, so readers switch from the old rows to the new at
+        once. None when no resource replaces, or every one was published before.
+        """
+        targets = sorted(
+            {
+                self.table_name(name)
+                for name, spec in scope.resources.items()
+                if spec.mode is WriteMode.REPLACE
+            }
+        )
+        if not targets:
+            return None
+        conn = self.connection()
+        done: list[str] = []
+        try:
+            for target in targets:
+                if self._replace(conn, scope, target):
+                    done.append(target)
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+            if isinstance(exc, psycopg.Error):
+                msg = f"cannot replace {', '.join(targets)}: {first_line(exc)}"
+                raise DestinationError(scrubber.text(msg)) from None
+            raise
+        if not done:
+            conn.rollback()
+            return None
+        self._pending = _Finish(conn, done)
+        return self._pending.publish
+
+    def _replace(self, conn: psycopg.Connection[Any], scope: RunScope, target: str) -> bool:
+        """Stage the swap of ``target`` in the open transaction; False if it happened before."""
+        schema = self.config.db_schema
+        stage = stage_name(target, scope.run_id)
+        meta = sql.Identifier(schema)
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"quarry replace {schema}.{target}",),
+        )
+        newest = conn.execute(
+            sql.SQL(
+                "SELECT max(epoch) FROM {}._quarry_slices WHERE dest_table = %s AND run_id = %s"
+            ).format(meta),
+            (stage, scope.run_id),
+        ).fetchone()
+        if newest is not None and newest[0] is not None and newest[0] > scope.epoch:
+            msg = (
+                f"{target} of {scope.run_id} was written by a newer lease epoch than {scope.epoch}"
+            )
+            raise LeaseLost(msg)
+        finished = conn.execute(
+            sql.SQL(
+                "SELECT 1 FROM {}._quarry_finished WHERE dest_table = %s AND run_id = %s"
+            ).format(meta),
+            (target, scope.run_id),
+        ).fetchone()
+        if finished is not None:
+            return False
+        target_ident = sql.Identifier(schema, target)
+        stage_ident = sql.Identifier(schema, stage)
+        have_stage = _exists(conn, schema, stage)
+        if have_stage and not _exists(conn, schema, target):
+            conn.execute(
+                sql.SQL("ALTER TABLE {} RENAME TO {}").format(stage_ident, sql.Identifier(target))
+            )
+            index = _slice_index(target)
+            if _exists(conn, schema, _slice_index(stage)) and not _exists(conn, schema, index):
+                conn.execute(
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        sql.Identifier(schema, _slice_index(stage)), sql.Identifier(index)
+                    )
+                )
+        elif have_stage:
+            conn.execute(sql.SQL("DELETE FROM {}").format(target_ident))
+            self._copy_stage(conn, target, stage)
+            conn.execute(sql.SQL("DROP TABLE {}").format(stage_ident))
+        elif _exists(conn, schema, target):
+            conn.execute(sql.SQL("DELETE FROM {}").format(target_ident))  # a run without rows
+        conn.execute(
+            sql.SQL("DELETE FROM {}._quarry_slices WHERE dest_table = %s AND run_id = %s").format(
+                meta
+            ),
+            (stage, scope.run_id),
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}._quarry_finished (dest_table, run_id, epoch) VALUES (%s, %s, %s)"
+            ).format(meta),
+            (target, scope.run_id, scope.epoch),
+        )
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {}._quarry_finished"
+                " WHERE dest_table = %s AND finished_at < now() - %s::interval"
+            ).format(meta),
+            (target, _FINISHED_KEPT),
+        )
+        return True
+
+    def _copy_stage(self, conn: psycopg.Connection[Any], target: str, stage: str) -> None:
+        """Insert the staging table's rows into the emptied target, evolving it first.
+
+        The staging table was created like the target and drifted as an append into the
+        target would have: its new columns are added, an integer column it widened is
+        widened (after the delete, so no old row is rewritten), and any other type
+        difference is cast on the way in.
+        """
+        schema = self.config.db_schema
+        ident = sql.Identifier(schema, target)
+        have = _table_columns(conn, schema, target)
+        incoming = _table_columns(conn, schema, stage)
+        for name, kind in incoming.items():
+            if name not in have:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                        ident, sql.Identifier(name), sql.SQL(kind)
+                    )
+                )
+            elif have[name] != kind and have[name] in _INTEGER_TYPES and kind in _WIDER_TYPES:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}").format(
+                        ident, sql.Identifier(name), sql.SQL(kind)
+                    )
+                )
+        have = _table_columns(conn, schema, target)
+        values = sql.SQL(", ").join(
+            sql.Identifier(n)
+            if have[n] == kind
+            else sql.SQL("CAST({} AS {})").format(sql.Identifier(n), sql.SQL(have[n]))
+            for n, kind in incoming.items()
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+                ident, _names(list(incoming)), values, sql.Identifier(schema, stage)
+            )
+        )
 
     def abort(self, scope: RunScope, log: Logger) -> None:
-        """Append keeps a failed run's committed slices."""
+        """Remove what a failed or cancelled run must not leave; safe to call again.
+
+        ``append`` with ``on_failure = "remove"``: the run's rows and slice claims.
+        ``replace``: the run's staging table and its claims (the target is untouched).
+        ``append`` with ``keep`` and ``merge``: nothing (merge's committed upserts stay).
+        """
+        conn = self.connection()
+        schema = self.config.db_schema
+        meta = sql.Identifier(schema)
+        for resource, spec in sorted(scope.resources.items()):
+            target = self.table_name(resource)
+            try:
+                with conn.transaction():
+                    if spec.mode is WriteMode.APPEND and spec.on_failure == "remove":
+                        if _exists(conn, schema, target):
+                            conn.execute(
+                                sql.SQL("DELETE FROM {} WHERE _quarry_run_id = %s").format(
+                                    sql.Identifier(schema, target)
+                                ),
+                                (scope.run_id,),
+                            )
+                        claims = target
+                    elif spec.mode is WriteMode.REPLACE:
+                        claims = stage_name(target, scope.run_id)
+                        conn.execute(
+                            sql.SQL("DROP TABLE IF EXISTS {}").format(
+                                sql.Identifier(schema, claims)
+                            )
+                        )
+                    else:
+                        continue
+                    conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {}._quarry_slices WHERE dest_table = %s AND run_id = %s"
+                        ).format(meta),
+                        (claims, scope.run_id),
+                    )
+            except psycopg.Error as exc:
+                msg = f"cannot clean up {target} after {scope.run_id}: {first_line(exc)}"
+                raise DestinationError(scrubber.text(msg), retryable=True) from None
 
     def describe(self) -> dict[str, Any]:
         """Kind, server (password hidden), schema and table template."""
@@ -200,7 +514,10 @@ class PostgresDestination:
         }
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a prepared, unpublished replace is rolled back)."""
+        if self._pending is not None:
+            self._pending.discard()
+            self._pending = None
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
@@ -208,16 +525,27 @@ class PostgresDestination:
 
 
 class StagedTable:
-    """One slice's open transaction on its table."""
+    """One slice's open transaction on its table (a replace run's: its staging table)."""
 
     def __init__(self, dest: PostgresDestination, key: SliceKey, log: Logger) -> None:
         self.dest = dest
         self.key = key
         self.log = log
         self.rows = 0
-        self.table = dest.table_name(key.resource)
+        self.spec: WriteSpec = key.write
+        #: The table users know, named in messages; ``table`` is the one this slice writes.
+        self.label = dest.table_name(key.resource)
+        replace = self.spec.mode is WriteMode.REPLACE
+        self.table = stage_name(self.label, key.run_id) if replace else self.label
         self._schema = dest.config.db_schema
         self._ident = sql.Identifier(self._schema, self.table)
+        self._merge = self.spec.mode is WriteMode.MERGE
+        #: Where COPY goes: the table itself, or merge's temporary table.
+        self._copy_ident = _MERGE_TEMP if self._merge else self._ident
+        #: Merge: the temporary table's columns (None until the first page), and whether
+        #: the target's unique index on the key was checked.
+        self._temp: dict[str, str] | None = None
+        self._keyed = False
         self.conn = dest.connection()
         self._stream: contextlib.ExitStack | None = None
         self._stream_columns: list[str] | None = None
@@ -226,7 +554,7 @@ class StagedTable:
         try:
             self._claim()
             self.columns = self._load_columns()
-            if self.columns:
+            if self.columns and not self._merge:  # a merge upserts again instead
                 self.conn.execute(
                     sql.SQL(
                         "DELETE FROM {} WHERE _quarry_run_id = %s AND _quarry_slice = %s"
@@ -250,18 +578,13 @@ class StagedTable:
         ).fetchone()
         if row is None:
             msg = (
-                f"{self.table} slice {self.key.index} of {self.key.run_id} was written "
+                f"{self.label} slice {self.key.index} of {self.key.run_id} was written "
                 f"by a newer lease epoch than {self.key.epoch}"
             )
             raise LeaseLost(msg)
 
     def _load_columns(self) -> dict[str, str]:
-        rows = self.conn.execute(
-            "SELECT column_name, data_type FROM information_schema.columns"
-            " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
-            (self._schema, self.table),
-        ).fetchall()
-        return {str(name): str(kind) for name, kind in rows}
+        return _table_columns(self.conn, self._schema, self.table)
 
     # -- writing --------------------------------------------------------------
 
@@ -274,6 +597,10 @@ class StagedTable:
         if clash:
             msg = f"column {clash[0]!r} is reserved for Quarry's bookkeeping"
             raise DestinationError(msg)
+        missing = [k for k in self.spec.primary_key if k not in names] if self._merge else []
+        if missing:
+            msg = f"{self.label}: the rows have no column {missing[0]!r} of the primary key"
+            raise DestinationError(msg)
         if isinstance(rows, RowPage) and self._stream_rows(rows, names):
             return
         self._end_stream()
@@ -281,6 +608,7 @@ class StagedTable:
         fast = not json and (isinstance(rows, RowPage) or all(len(r) == len(names) for r in rows))
         try:
             self._evolve(rows, names)
+            self._merge_ready()
             for attempt in range(len(names) + 2):
                 try:
                     with self.conn.transaction():  # a savepoint: a refused page undoes only itself
@@ -290,11 +618,13 @@ class StagedTable:
                     if not fast:
                         raise
                     fast = False  # an unadaptable value: the careful path names it
+                except psycopg.errors.IntegrityError as exc:  # a null key of a merge
+                    raise DestinationError(self._locate(exc)) from None
                 except psycopg.errors.DataError as exc:
                     if attempt > len(names) or not self._widen_for(exc, rows):
                         raise DestinationError(self._locate(exc)) from None
         except psycopg.Error as exc:
-            msg = f"{self.table}: {first_line(exc)}"
+            msg = f"{self.label}: {first_line(exc)}"
             raise DestinationError(scrubber.text(msg)) from None
         self.rows += len(rows)
 
@@ -311,30 +641,44 @@ class StagedTable:
             if names != self._stream_columns:
                 self._end_stream()
                 self._evolve(rows, names)
+                self._merge_ready()
                 if any(self.columns.get(n) == "jsonb" for n in names):
                     return False
                 statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                    self._ident,
-                    sql.SQL(", ").join(
-                        sql.Identifier(n) for n in ("_quarry_run_id", "_quarry_slice", *names)
-                    ),
+                    self._copy_ident, _names([*self._head_columns(), *names])
                 )
                 stack = contextlib.ExitStack()
                 cursor = stack.enter_context(self.conn.cursor())
                 self._copy_stream = stack.enter_context(cursor.copy(statement))
                 self._stream, self._stream_columns, self._stream_base = stack, names, self.rows
-            head = (self.key.run_id, self.key.index)
             write_row = self._copy_stream.write_row
-            for values in rows.tuples:
-                write_row(head + tuple(values))
-        except psycopg.errors.DataError as exc:
+            if self._merge:
+                seq = self.rows
+                for values in rows.tuples:
+                    seq += 1
+                    write_row((seq, *values))
+            else:
+                head = (self.key.run_id, self.key.index)
+                for values in rows.tuples:
+                    write_row(head + tuple(values))
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
             self._abandon_stream()
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
             self._abandon_stream()
-            raise DestinationError(scrubber.text(f"{self.table}: {first_line(exc)}")) from None
+            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
         self.rows += len(rows)
         return True
+
+    def _head_columns(self) -> tuple[str, ...]:
+        """The columns each copied row starts with: merge's row number, or the bookkeeping."""
+        return (_SEQ,) if self._merge else ("_quarry_run_id", "_quarry_slice")
+
+    def _heads(self) -> Iterator[tuple[Any, ...]]:
+        """The values each copied row starts with, in row order from the slice's next row."""
+        if self._merge:
+            return ((n,) for n in itertools.count(self.rows + 1))
+        return itertools.repeat((self.key.run_id, self.key.index))
 
     def _end_stream(self) -> None:
         """Finish an open COPY; the server's verdict on its rows arrives here."""
@@ -343,10 +687,10 @@ class StagedTable:
             return
         try:
             stack.close()
-        except psycopg.errors.DataError as exc:
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
-            raise DestinationError(scrubber.text(f"{self.table}: {first_line(exc)}")) from None
+            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
 
     def _abandon_stream(self) -> None:
         stack, self._stream, self._stream_columns = self._stream, None, None
@@ -356,29 +700,28 @@ class StagedTable:
 
     def _copy(self, rows: Page, names: list[str], *, fast: bool) -> None:
         json_columns = [i for i, n in enumerate(names) if self.columns.get(n) == "jsonb"]
-        head = (self.key.run_id, self.key.index)
+        heads = self._heads()
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            self._ident,
-            sql.SQL(", ").join(
-                sql.Identifier(n) for n in ("_quarry_run_id", "_quarry_slice", *names)
-            ),
+            self._copy_ident, _names([*self._head_columns(), *names])
         )
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
             if fast and isinstance(rows, RowPage):
-                for values in rows.tuples:  # tuples from a SQL source: no dict at all
+                for values, head in zip(
+                    rows.tuples, heads, strict=False
+                ):  # tuples from a SQL source
                     copy.write_row(head + tuple(values))
                 return
             if fast:
                 # Every row has every column and none is JSON: C-level tuples, no per-value work.
                 take = operator.itemgetter(*names)
                 if len(names) == 1:
-                    for row in rows:
+                    for row, head in zip(rows, heads, strict=False):
                         copy.write_row((*head, take(row)))
                 else:
-                    for row in rows:
+                    for row, head in zip(rows, heads, strict=False):
                         copy.write_row(head + take(row))
                 return
-            for number, row in enumerate(rows, start=1):
+            for number, (row, head) in enumerate(zip(rows, heads, strict=False), start=1):
                 values = [row.get(n) for n in names]
                 for i in json_columns:
                     if isinstance(values[i], dict | list):
@@ -404,23 +747,8 @@ class StagedTable:
         types = {
             n: next((t for r in rows if (t := pg_type(r.get(n))) is not None), "text") for n in new
         }
-        columns = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(types[n])) for n in new
-        )
         if not self.columns:
-            with self.conn.transaction():
-                self.conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} (_quarry_run_id text NOT NULL,"
-                        " _quarry_slice integer NOT NULL,"
-                        " _quarry_loaded_at timestamptz NOT NULL DEFAULT now(), {})"
-                    ).format(self._ident, columns)
-                )
-                self.conn.execute(
-                    sql.SQL(
-                        "CREATE INDEX IF NOT EXISTS {} ON {} (_quarry_run_id, _quarry_slice)"
-                    ).format(sql.Identifier(f"{self.table}_quarry_slice_idx"[:63]), self._ident)
-                )
+            self._create(new, types)
             self.columns = self._load_columns()
             new = [n for n in names if n not in self.columns]  # a concurrent creator's columns
             if not new:
@@ -435,16 +763,171 @@ class StagedTable:
         if self.rows or self._existed_before(new):
             self.log.warning(
                 Event.SCHEMA_CHANGED,
-                message=f"Schema changed at row {self.rows + 1} of {self.table}: "
+                message=f"Schema changed at row {self.rows + 1} of {self.label}: "
                 + ", ".join(f"new column {n!r} ({types[n]})" for n in new),
-                table=self.table,
+                table=self.label,
                 row=self.rows + 1,
                 added_columns=new,
             )
 
+    def _create(self, new: list[str], types: dict[str, str]) -> None:
+        """Create the table: a replace run's staging table like its target, if there is one
+        (the page's other columns are then added as drift); else from the page's columns."""
+        target = sql.Identifier(self._schema, self.label)
+        like = self.table != self.label and _exists(self.conn, self._schema, self.label)
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(types[n])) for n in new
+        )
+        with self.conn.transaction():
+            if like:
+                self.conn.execute(
+                    sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+                        self._ident, target
+                    )
+                )
+            else:
+                self.conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} (_quarry_run_id text NOT NULL,"
+                        " _quarry_slice integer NOT NULL,"
+                        " _quarry_loaded_at timestamptz NOT NULL DEFAULT now(), {})"
+                    ).format(self._ident, columns)
+                )
+            if not self._merge:  # merge never deletes by slice: no index to keep up
+                self.conn.execute(
+                    sql.SQL(
+                        "CREATE INDEX IF NOT EXISTS {} ON {} (_quarry_run_id, _quarry_slice)"
+                    ).format(sql.Identifier(_slice_index(self.table)), self._ident)
+                )
+
     def _existed_before(self, new: list[str]) -> bool:
         # A table that already had data columns: the new ones are drift, not creation.
         return any(c not in META_COLUMNS and c not in new for c in self.columns)
+
+    # -- merge ------------------------------------------------------------------
+
+    def _merge_ready(self) -> None:
+        """Merge: the target's unique key index, and a temporary table with its columns."""
+        if not self._merge:
+            return
+        if not self._keyed:
+            self._ensure_key()
+            self._keyed = True
+        wanted = {n: t for n, t in self.columns.items() if n not in META_COLUMNS}
+        if self._temp is None:
+            key = set(self.spec.primary_key)
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} {}{}").format(
+                    sql.Identifier(n), sql.SQL(t), sql.SQL(" NOT NULL" if n in key else "")
+                )
+                for n, t in wanted.items()
+            )
+            self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_MERGE_TEMP))
+            self.conn.execute(
+                sql.SQL("CREATE TEMP TABLE {} ({} bigint NOT NULL, {}) ON COMMIT DROP").format(
+                    _MERGE_TEMP, sql.Identifier(_SEQ), columns
+                )
+            )
+            self._temp = wanted
+            return
+        for name, kind in wanted.items():
+            if name not in self._temp:
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                        _MERGE_TEMP, sql.Identifier(name), sql.SQL(kind)
+                    )
+                )
+                self._temp[name] = kind
+
+    def _key_index_found(self) -> bool:
+        """Whether the target has a valid unique index on exactly the key's columns (what
+        ``ON CONFLICT`` needs)."""
+        found = self.conn.execute(
+            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND i.indisunique AND i.indisvalid"
+            " AND i.indpred IS NULL AND i.indexprs IS NULL"
+            ' AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE "C")'
+            "      FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(num, ord)"
+            "      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num"
+            "      WHERE k.ord <= i.indnkeyatts) = %s::text[]",
+            (self._schema, self.table, sorted(self.spec.primary_key)),
+        ).fetchone()
+        return found is not None
+
+    def _ensure_key(self) -> None:
+        """Give the target its unique index on the key, unless it has one."""
+        if self._key_index_found():
+            return
+        key = ", ".join(self.spec.primary_key)
+        name = _key_index(self.table)
+        try:
+            with self.conn.transaction():
+                self.conn.execute(
+                    sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                        sql.Identifier(name), self._ident, _names(self.spec.primary_key)
+                    )
+                )
+        except psycopg.errors.UniqueViolation as exc:
+            detail = exc.diag.message_detail or "duplicate keys"
+            msg = (
+                f"{self.label}: cannot merge on primary_key ({key}): the table already holds "
+                f"rows with the same key ({detail.rstrip('.')}); remove the duplicates or "
+                "choose another primary_key"
+            )
+            raise DestinationError(msg) from None
+        if not self._key_index_found():
+            msg = (
+                f"{self.label}: cannot merge on primary_key ({key}): an index named {name} "
+                "exists but is not a unique index on those columns"
+            )
+            raise DestinationError(msg)
+
+    def _upsert(self) -> None:
+        """Upsert the temporary table into the target: the last row of each key wins; with
+        ``hard_delete``, a key whose last row is flagged deletes the target's row instead."""
+        assert self._temp is not None
+        columns = list(self._temp)
+        key = self.spec.primary_key
+        last = sql.SQL(
+            "SELECT DISTINCT ON ({key}) {columns} FROM {temp} ORDER BY {key}, {seq} DESC"
+        ).format(
+            key=_names(key), columns=_names(columns), temp=_MERGE_TEMP, seq=sql.Identifier(_SEQ)
+        )
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+            for c in (*META_COLUMNS, *(c for c in columns if c not in key))
+        )
+        insert = sql.SQL(
+            "INSERT INTO {target} ({all}) SELECT %s, %s, now(), {columns} FROM last{where}"
+            " ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        )
+        parts: dict[str, sql.Composable] = {
+            "target": self._ident,
+            "all": _names([*META_COLUMNS, *columns]),
+            "columns": _names(columns),
+            "key": _names(key),
+            "updates": updates,
+            "where": sql.SQL(""),
+        }
+        flag_column = self.spec.hard_delete
+        if flag_column is None or flag_column not in self._temp:
+            statement = sql.SQL("WITH last AS ({}) ").format(last) + insert.format(**parts)
+        else:
+            flag: sql.Composable = sql.Identifier("last", flag_column)
+            if self._temp[flag_column] != "boolean":
+                flag = sql.SQL("CAST(CAST({} AS text) AS boolean)").format(flag)
+            parts["where"] = sql.SQL(" WHERE ({}) IS NOT TRUE").format(flag)
+            match = sql.SQL(" AND ").join(
+                sql.SQL("t.{0} = last.{0}").format(sql.Identifier(k)) for k in key
+            )
+            statement = sql.SQL(
+                "WITH last AS MATERIALIZED ({last}), gone AS ("
+                "DELETE FROM {target} AS t USING last WHERE ({flag}) IS TRUE AND {match}) "
+            ).format(last=last, target=self._ident, flag=flag, match=match) + insert.format(**parts)
+        self.conn.execute(statement, (self.key.run_id, self.key.index))
+
+    # -- drift and errors ---------------------------------------------------------
 
     def _widen_for(self, exc: psycopg.errors.DataError, rows: Page) -> bool:
         """Widen an integer column that a float (or Decimal) did not fit; True if it did."""
@@ -461,18 +944,23 @@ class StagedTable:
         )
         if target is None:
             return False
-        self.conn.execute(
-            sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}").format(
-                self._ident, sql.Identifier(column), sql.SQL(target)
+        tables = [self._ident]
+        if self._temp is not None and column in self._temp:  # merge copies into its twin
+            tables.append(_MERGE_TEMP)
+            self._temp[column] = target
+        for table in tables:
+            self.conn.execute(
+                sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}").format(
+                    table, sql.Identifier(column), sql.SQL(target)
+                )
             )
-        )
         self.log.warning(
             Event.SCHEMA_CHANGED,
             message=(
-                f"Schema changed at row {self.rows + row} of {self.table}: "
+                f"Schema changed at row {self.rows + row} of {self.label}: "
                 f"{column!r} widened {self.columns[column]} -> {target}"
             ),
-            table=self.table,
+            table=self.label,
             row=self.rows + row,
             widened_columns={column: f"{self.columns[column]} -> {target}"},
         )
@@ -489,8 +977,11 @@ class StagedTable:
     def _locate(self, exc: psycopg.Error, base: int | None = None) -> str:
         row, column = self._where(exc)
         problem = exc.diag.message_primary or first_line(exc)
+        null = exc.diag.column_name if isinstance(exc, psycopg.errors.NotNullViolation) else None
+        if self._merge and null in self.spec.primary_key:
+            column, problem = null, "a primary key column is null"
         if row is None:
-            return f"{self.table}: {problem}"
+            return f"{self.label}: {problem}"
         where = f"row {(self.rows if base is None else base) + row}" + (
             f", column {column!r}" if column else ""
         )
@@ -499,9 +990,12 @@ class StagedTable:
     # -- the slice's end ------------------------------------------------------
 
     def seal(self) -> SliceStats:
-        """End the COPY, record the row count on the slice's claim; the transaction stays open."""
+        """End the COPY (merge: upsert), record the row count on the slice's claim; the
+        transaction stays open."""
         self._end_stream()
         try:
+            if self._temp is not None:
+                self._upsert()
             self.conn.execute(
                 sql.SQL(
                     "UPDATE {}._quarry_slices SET rows = %s"
@@ -510,11 +1004,12 @@ class StagedTable:
                 (self.rows, self.table, self.key.run_id, self.key.index),
             )
         except psycopg.Error as exc:
-            raise DestinationError(f"{self.table}: {first_line(exc)}") from None
+            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
         return SliceStats(rows=self.rows, files=0, bytes=0)
 
     def publish(self) -> None:
-        """Commit: the slice's rows replace its earlier attempt's, all at once."""
+        """Commit: the slice's rows replace its earlier attempt's (merge: its upserts land),
+        all at once."""
         self.conn.commit()
 
     def discard(self) -> None:
