@@ -344,7 +344,8 @@ def test_a_redone_merge_slice_leaves_one_row_per_key(target: Target) -> None:
 
 
 def test_within_a_slice_the_last_row_of_a_key_wins(target: Target) -> None:
-    """Across pages (tuples, then dicts): the last row decides, a delete included."""
+    """Across pages (tuples, then dicts): the last row decides, a delete included; without
+    hard_delete too, for keys already in the table and new ones."""
     d, look = target
     write(d, key(MERGE, 1, run="run_1"), [order(3, "old", "3")])
     columns = ["id", "name", "amount", "deleted"]
@@ -360,6 +361,17 @@ def test_within_a_slice_the_last_row_of_a_key_wins(target: Target) -> None:
         (1, "third", Decimal(11)),
         (2, "back", Decimal(22)),
     ]
+    plain = WriteSpec(WriteMode.MERGE, ("id",))  # no hard_delete: the unsorted upsert first
+    write(d, key(plain, 1, run="run_3"), [order(4, "unique", "4")])
+    write(
+        d,
+        key(plain, 1, run="run_4"),
+        [order(1, "x", "1"), order(5, "new once", "5"), order(1, "y", "1")],
+        [order(5, "new twice", "5")],
+    )
+    assert [(r[0], r[1]) for r in merged(d, look)] == [
+        (1, "y"), (2, "back"), (4, "unique"), (5, "new twice"),
+    ]  # fmt: skip
 
 
 def test_merge_refuses_a_table_with_duplicate_keys(target: Target) -> None:

@@ -912,6 +912,20 @@ class StagedTable:
         }
         flag_column = self.spec.hard_delete
         if flag_column is None or flag_column not in self._temp:
+            # Keys are usually unique within a slice: upsert the rows as they are, and only
+            # when a key comes twice (PostgreSQL refuses to update a row twice in one
+            # statement) undo that and keep each key's last row, which costs a sort.
+            plain = sql.SQL("WITH last AS (SELECT {} FROM {}) ").format(
+                _names(columns), _MERGE_TEMP
+            )
+            try:
+                with self.conn.transaction():
+                    self.conn.execute(
+                        plain + insert.format(**parts), (self.key.run_id, self.key.index)
+                    )
+                return
+            except psycopg.errors.CardinalityViolation:
+                pass
             statement = sql.SQL("WITH last AS ({}) ").format(last) + insert.format(**parts)
         else:
             flag: sql.Composable = sql.Identifier("last", flag_column)
