@@ -3,7 +3,10 @@
 kombu's SQLAlchemy channel hands every transport option it does not know to
 ``create_engine``, so the virtual transport's own ``polling_interval`` option
 breaks it. This subclass keeps that option away from the engine and gives
-SQLite a busy timeout, since workers and the CLI share the broker file.
+SQLite a busy timeout, since workers and the CLI share the broker file. Its
+queue creation guards against threads of one process only: two workers
+starting at once both insert the queue's row, and the loser's worker died on
+the unique constraint. Here the loser reads the winner's row instead.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.sqlalchemy import Channel as _Channel
 from kombu.transport.sqlalchemy import Transport as _Transport
 from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
 
 #: URL scheme prefix of the embedded broker: ``quarry-sqla+sqlite:///path``.
 SCHEME = "quarry-sqla"
@@ -44,6 +48,13 @@ class Channel(_Channel):
         if conninfo.hostname.startswith("sqlite"):
             options.setdefault("connect_args", {"timeout": 30})
         return create_engine(conninfo.hostname, **options)
+
+    def _get_or_create(self, queue: str) -> Any:
+        try:
+            return super()._get_or_create(queue)  # type: ignore[misc]  # untyped in the stubs
+        except IntegrityError:  # another process created it between our read and our insert
+            self.session.rollback()
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
 
 
 class Transport(_Transport):
