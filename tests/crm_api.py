@@ -64,6 +64,12 @@ class CrmServer(ThreadingHTTPServer):
         self.hang_every = 0
         self.hang_seconds = 5.0
         self.always_fail = False
+        #: Answer 503 to this many requests first (a flaky API that comes back), only to
+        #: requests for ``fail_path`` when it is set.
+        self.fail_first = 0
+        self.fail_path: str | None = None
+        #: When given, every request waits until this event is set (a hung server).
+        self.hang_until: threading.Event | None = None
         self.requests = 0
         self.faults = 0
         self._lock = threading.Lock()
@@ -123,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: PLR0912 - one branch per fault, read top to bottom
         """Serve one page, or a fault."""
         srv = self.server
         n = srv.count()
@@ -133,6 +139,14 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.always_fail:
             self._send(500, {"error": "internal error"})
             return
+        path = urllib.parse.urlsplit(self.path).path
+        if srv.fail_first > 0 and srv.fail_path in {None, path}:
+            srv.fail_first -= 1
+            srv.faults += 1
+            self._send(503, {"error": "unavailable"})
+            return
+        if srv.hang_until is not None:
+            srv.hang_until.wait()
         if srv.rate_limit_every and n % srv.rate_limit_every == 0:
             srv.faults += 1
             self._send(429, {"error": "slow down"}, {"Retry-After": srv.retry_after})

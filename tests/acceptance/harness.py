@@ -97,7 +97,13 @@ class WorkerProcess:
     """One ``celery -A worker worker`` (or ``beat``) in its own process group."""
 
     def __init__(
-        self, env: dict[str, str], name: str, log_dir: Path, *, beat: bool = False
+        self,
+        env: dict[str, str],
+        name: str,
+        log_dir: Path,
+        *,
+        beat: bool = False,
+        concurrency: int = 1,
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"{'beat' if beat else 'worker'}-{name}.log"
@@ -107,7 +113,7 @@ class WorkerProcess:
             argv = ["beat", "--loglevel", "info", "--schedule", str(schedule)]
         else:
             argv = [
-                "worker", "--concurrency", "1", "--hostname", f"{name}-{secrets.token_hex(3)}@%h",
+                "worker", "--concurrency", str(concurrency), "--hostname", f"{name}-{secrets.token_hex(3)}@%h",
                 "--without-mingle", "--without-gossip", "--loglevel", "info",
             ]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -198,9 +204,9 @@ class Cluster:
         self.app.conf.update(celery_config(self.settings))
         self.workers: list[WorkerProcess] = []
 
-    def worker(self, name: str) -> WorkerProcess:
+    def worker(self, name: str, concurrency: int = 1) -> WorkerProcess:
         """Start a worker process."""
-        w = WorkerProcess(self.env, name, self.tmp_path)
+        w = WorkerProcess(self.env, name, self.tmp_path, concurrency=concurrency)
         self.workers.append(w)
         return w
 
