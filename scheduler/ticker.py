@@ -72,9 +72,7 @@ class Ticker:
         due = [
             name
             for name, p in scheduled.items()
-            if (known := self._due.get(name)) is None
-            or known[0] != _key(p)
-            or known[1] <= now
+            if (known := self._due.get(name)) is None or known[0] != _key(p) or known[1] <= now
         ]
         if not due:
             return result
