@@ -64,8 +64,13 @@ def main() -> int:
     if sys.argv[1:] == ["api"]:
         api_rows(tmp)
         return 0
+    if sys.argv[1:] == ["unattended"]:
+        return unattended_rows()
     if sys.argv[1:]:
-        print(f"usage: python -m bench [api]; got {' '.join(sys.argv[1:])!r}", file=sys.stderr)
+        print(
+            f"usage: python -m bench [api|unattended]; got {' '.join(sys.argv[1:])!r}",
+            file=sys.stderr,
+        )
         return 2
     print(
         f"Quarry bench — {RUNS} concurrent runs × {PER_RUN:,} entries = {total:,} entries; {os.cpu_count()} cores\n"
@@ -137,7 +142,19 @@ def main() -> int:
     pg_rec = fresh_pg("quarry_bench_recovery")
     if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
         recovery_rows(pg_rec)
+    if os.environ.get("BENCH_SKIP_UNATTENDED") != "1":
+        unattended_rows()
     return 0
+
+
+def unattended_rows() -> int:
+    """The schedule tick, fire time → lease, and merge throughput (bench.schedule, bench.merge)."""
+    from bench import merge, schedule  # noqa: PLC0415 - they import this module's helpers
+
+    print()
+    code = schedule.main()
+    print()
+    return code or merge.main()
 
 
 def extract_rows() -> None:

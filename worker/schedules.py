@@ -97,6 +97,13 @@ class Schedule:
         """The data interval a run firing at ``fire`` covers."""
         return Interval(self.previous_before(fire), fire)
 
+    def following(self, after: datetime) -> Iterator[datetime]:
+        """Every fire time after ``after``, oldest first, without end: one croniter walked
+        forward (far cheaper per fire than :meth:`next_after` from scratch)."""
+        it = self._iter(after)
+        while True:
+            yield _utc(it.get_next(datetime))
+
     def fires(self, after: datetime, until: datetime) -> Iterator[datetime]:
         """Every fire time in ``(after, until]``, oldest first."""
         it = self._iter(after)

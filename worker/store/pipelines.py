@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from worker.models import NewEntry, Run, Status, Trigger
@@ -98,8 +98,38 @@ class PipelineQueries:
 
     def start_schedule(self, pipeline: str, key: str, anchor: datetime) -> None:
         """Start (or restart, for a changed schedule) a pipeline's clock at ``anchor``."""
+        self.start_schedules([(pipeline, key)], anchor)
+
+    def start_schedules(self, schedules: Sequence[tuple[str, str]], anchor: datetime) -> None:
+        """Start the clocks of many ``(pipeline, schedule key)`` at ``anchor``, in one
+        transaction (a beat's first tick sees every schedule at once)."""
+        if not schedules:
+            return
+        now = utcnow()
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        stmt = dialect.insert(pipeline_state)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["pipeline"],
+            set_={
+                "schedule_key": stmt.excluded.schedule_key,
+                "anchor": stmt.excluded.anchor,
+                "last_fire": None,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+        rows = [
+            {
+                "pipeline": name,
+                "paused": False,
+                "schedule_key": key,
+                "anchor": anchor,
+                "last_fire": None,
+                "updated_at": now,
+            }
+            for name, key in schedules
+        ]
         with self._transaction() as conn:
-            self._upsert_state(conn, pipeline, schedule_key=key, anchor=anchor, last_fire=None)
+            conn.execute(stmt, rows)
 
     def set_paused(self, pipeline: str, paused: bool, by: str | None) -> PipelineState:
         """Pause or resume; resuming restarts the clock now, so a pause fires nothing later."""
@@ -131,10 +161,27 @@ class PipelineQueries:
         ``advance_clock`` (the schedule's own fires) moves the pipeline's
         ``last_fire`` in the same transaction.
         """
+        return self.create_fired_many(
+            [(pipeline, fires)],
+            trigger=trigger,
+            triggered_by=triggered_by,
+            params=params,
+            advance_clock=advance_clock,
+        )
+
+    def create_fired_many(
+        self,
+        wanted: Sequence[tuple[str, Sequence[Fire]]],
+        *,
+        trigger: Trigger,
+        triggered_by: str | None = None,
+        params: dict[str, Any] | None = None,
+        advance_clock: bool = False,
+    ) -> list[Run]:
+        """:meth:`create_fired` for many pipelines in one transaction and one INSERT (a tick
+        with many pipelines due), oldest fire time first."""
         from worker.store.store import new_run_id  # noqa: PLC0415 - store imports this mixin
 
-        if not fires:
-            return []
         now = utcnow()
         rows = [
             {
@@ -158,32 +205,38 @@ class PipelineQueries:
                 "interval_end": fire.interval_end,
                 "retries": 0,
             }
+            for pipeline, fires in wanted
             for fire in fires
         ]
+        if not rows:
+            return []
         dialect = postgresql if self.dialect == "postgresql" else sqlite
-        created: list[str] = []
+        # One statement compiled once (cached), sent as batched VALUES by the driver
+        # ("insertmanyvalues"): a multi-row values() would be compiled anew every tick.
+        stmt = (
+            dialect.insert(runs)
+            .on_conflict_do_nothing(index_elements=["pipeline", "fire_time"])
+            .returning(*runs.c)
+        )
         with self._transaction() as conn:
-            for row in rows:
-                stmt = dialect.insert(runs).values(**row)
-                stmt = stmt.on_conflict_do_nothing(index_elements=["pipeline", "fire_time"])
-                if conn.execute(stmt.returning(runs.c.id)).first() is not None:
-                    created.append(str(row["id"]))
+            created = [run_from_row(row) for row in conn.execute(stmt, rows)]
             if advance_clock:
-                latest = max(f.fire_time for f in fires)
+                clocks = [
+                    {"name": pipeline, "latest": max(f.fire_time for f in fires), "now": now}
+                    for pipeline, fires in wanted
+                    if fires
+                ]
                 conn.execute(
                     update(pipeline_state)
                     .where(
-                        pipeline_state.c.pipeline == pipeline,
+                        pipeline_state.c.pipeline == bindparam("name"),
                         (pipeline_state.c.last_fire.is_(None))
-                        | (pipeline_state.c.last_fire < latest),
+                        | (pipeline_state.c.last_fire < bindparam("latest")),
                     )
-                    .values(last_fire=latest, updated_at=now)
+                    .values(last_fire=bindparam("latest"), updated_at=bindparam("now")),
+                    clocks,
                 )
-        if not created:
-            return []
-        with self._reader.connect() as conn:
-            found = conn.execute(select(runs).where(runs.c.id.in_(created))).all()
-        return sorted((run_from_row(r) for r in found), key=lambda r: r.fire_time or now)
+        return sorted(created, key=lambda r: (r.fire_time or now, r.pipeline))
 
     def claim_due_retries(self, now: datetime, limit: int = 200) -> list[str]:
         """Runs whose retry is due, claimed (``not_before`` cleared) so one caller publishes
