@@ -153,6 +153,8 @@ class Run:
     retries: int = 0
     #: The run this queued run waits for under ``max_active_runs``.
     waiting_for: str | None = None
+    #: Why the current attempt exists, past the first: ``retry of attempt 2 (…)``.
+    attempt_reason: str | None = None
 
     @property
     def recoveries(self) -> int:
@@ -187,6 +189,7 @@ class Run:
             "retries": self.retries,
             "recoveries": self.recoveries,
             "waiting_for": self.waiting_for,
+            "attempt_reason": self.attempt_reason,
         }
 
 

@@ -129,6 +129,7 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
             [entry],
             expected_epoch=run.lease_epoch,
             bump_attempt=True,
+            attempt_reason=f"recovery of attempt {run.attempt} ({reason})",
         )
     elif decision.action is Action.FAST_RECOVER:
         entry = _entry(

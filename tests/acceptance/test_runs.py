@@ -159,6 +159,8 @@ def test_run_restarted_from_checkpoint_skips_what_was_done(cluster: Cluster) -> 
     run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED)
     assert run.status is Status.SUCCEEDED
     assert run.attempt == 2
+    assert (run.recoveries, run.retries) == (1, 0)
+    assert (run.attempt_reason or "").startswith("recovery of attempt 1 (lease of a expired")
     entries = cluster.entries(run_id)
     starts = [e for e in entries if e.event == "resource_started"]
     assert [e.data["resource"] for e in starts] == ["profiles", "events", "events", "lists"]

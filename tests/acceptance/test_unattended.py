@@ -330,6 +330,7 @@ def test_a_flaky_source_is_retried_from_its_checkpoint_and_bad_credentials_are_n
     retries = [e for e in entries if e.event == "run_retry"]
     assert run.retries == len(retries) == 2
     assert run.attempt == run.retries + 1 and run.recoveries == 0
+    assert run.attempt_reason == f"retry of attempt {run.attempt - 1}"
     assert all(e.level == "warning" and "HTTP 503" in e.message for e in retries)
     assert [e.data["resource"] for e in entries if e.event == "resource_started"].count(
         "lists"

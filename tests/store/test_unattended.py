@@ -120,6 +120,7 @@ def test_a_run_between_attempts_keeps_its_slot(store: Store) -> None:
     retried = store.get_run(first.id)
     assert (retried.status, retried.attempt, retried.retries) == (Status.QUEUED, 2, 1)
     assert retried.recoveries == 0
+    assert retried.attempt_reason == "retry of attempt 1"
     assert retried.error_summary == "connection refused"
     assert isinstance(store.acquire(second.id, "w2", 30, max_active=1), Waiting)
     # Not before its time, and not published early by the tick either.

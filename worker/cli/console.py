@@ -227,7 +227,10 @@ def attempt_text(run: Run) -> str:
         parts.append(plural(run.retries, "retry", "retries"))
     if run.recoveries:
         parts.append(plural(run.recoveries, "recovery", "recoveries"))
-    return f"{run.attempt} ({', '.join(parts)})" if parts else str(run.attempt)
+    text = f"{run.attempt} ({', '.join(parts)})" if parts else str(run.attempt)
+    if run.attempt_reason and run.attempt > 1:
+        text += f"; this one is a {run.attempt_reason}"
+    return text
 
 
 def follow(

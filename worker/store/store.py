@@ -489,6 +489,7 @@ class Store(
             # The watchdog's lost-message clock starts when the retry is due.
             "queued_at": not_before,
             "error_summary": error_summary,
+            "attempt_reason": f"retry of attempt {lease.attempt}",
             "updated_at": utcnow(),
         }
         self._fenced_write(lease, values, entries, checkpoint=None, summary=summary, final=True)

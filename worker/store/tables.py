@@ -85,6 +85,8 @@ runs = Table(
     Column("retries", Integer, nullable=False, server_default="0"),
     # The run a queued run waits for under max_active_runs.
     Column("waiting_for", String(64), nullable=True),
+    # Why the current attempt exists, past the first: "retry of attempt 2", "recovery of …".
+    Column("attempt_reason", String(300), nullable=True),
     Index("ix_runs_status_queued_at", "status", "queued_at"),
     Index("uq_runs_pipeline_fire_time", "pipeline", "fire_time", unique=True),
     Index(
@@ -217,4 +219,5 @@ def run_from_row(row: Any) -> Run:
         not_before=aware(row.not_before),
         retries=row.retries,
         waiting_for=row.waiting_for,
+        attempt_reason=row.attempt_reason,
     )

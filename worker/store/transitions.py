@@ -41,6 +41,7 @@ class RunTransitions:
         expected_epoch: int | None = None,
         error_summary: str | None = None,
         bump_attempt: bool = False,
+        attempt_reason: str | None = None,
     ) -> bool:
         """Move a run ``expected`` → ``target`` unless someone moved it first.
 
@@ -63,6 +64,7 @@ class RunTransitions:
             values["finished_at"] = now
         if bump_attempt:
             values["attempt"] = runs.c.attempt + 1
+            values["attempt_reason"] = attempt_reason[:300] if attempt_reason else None
         if error_summary is not None:
             values["error_summary"] = error_summary
         conditions = [runs.c.id == run_id, runs.c.status == expected.value]

@@ -36,6 +36,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("not_before", _TS, nullable=True))
         batch.add_column(sa.Column("retries", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("waiting_for", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("attempt_reason", sa.String(300), nullable=True))
     op.create_index("uq_runs_pipeline_fire_time", "runs", ["pipeline", "fire_time"], unique=True)
     op.create_index(
         "ix_runs_not_before",
@@ -65,6 +66,7 @@ def downgrade() -> None:
     op.drop_index("uq_runs_pipeline_fire_time", table_name="runs")
     with op.batch_alter_table("runs") as batch:
         for name in (
+            "attempt_reason",
             "waiting_for",
             "retries",
             "not_before",
