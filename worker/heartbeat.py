@@ -64,6 +64,8 @@ class Heartbeat:
         self.deadline = float("inf")
         #: Ends the process of a runner stuck in a call that never returns (pool children).
         self.terminate = terminate
+        #: The lease was taken from us (the epoch moved on), not merely unrenewable.
+        self.taken = False
 
     def start(self) -> None:
         """Start renewing."""
@@ -117,7 +119,9 @@ class Heartbeat:
         destination that hangs) never checks: past the grace its process is ended, which
         is safe because the fence refuses anything it would still write.
         """
-        if self._stop.wait(LOST_GRACE_SECONDS) or self.terminate is None:
+        if not self.taken or self.terminate is None:
+            return  # unrenewable (the store is away): the runner's own writes will fail
+        if self._stop.wait(LOST_GRACE_SECONDS):
             return
         self.terminate(
             f"run {self.lease.run_id}: its lease is gone (cancelled by force or taken over) "
@@ -153,6 +157,7 @@ class Heartbeat:
                 self.lease, self.settings.lease_ttl_seconds, self.telemetry.snapshot()
             )
         except LeaseLost:
+            self.taken = True
             self.lost.set()
             return False
         except Exception:

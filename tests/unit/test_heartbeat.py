@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from tests.acceptance.harness import wait_for
-from worker import runlog
+from worker import heartbeat, runlog
 from worker.heartbeat import Heartbeat
 from worker.models import Lease, Status
 from worker.runlog import EntryWriter, StoreSink
@@ -88,3 +88,33 @@ def test_cancel_request_is_seen(leased: tuple[Store, Lease, EntryWriter]) -> Non
         assert not beat.lost.is_set()
     finally:
         beat.stop()
+
+
+def test_a_runner_stuck_after_a_forced_cancel_has_its_process_ended(
+    leased: tuple[Store, Lease, EntryWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is taken (a forced cancel moved the epoch on) and the runner never stops:
+    past the grace the heartbeat calls ``terminate``; a runner that stops in time is left."""
+    monkeypatch.setattr(heartbeat, "LOST_GRACE_SECONDS", 0.3)
+    store, lease, _ = leased
+    log = runlog.get_logger(run_id=lease.run_id, worker_id="w1").bind(attempt=1, epoch=lease.epoch)
+    ended: list[str] = []
+    beat = Heartbeat(store, lease, FAST, Telemetry(1), log, terminate=ended.append)
+    beat.start()
+    assert store.transition(
+        lease.run_id, Status.RUNNING, Status.CANCELLED, expected_epoch=lease.epoch
+    )
+    wait_for(lambda: ended, "the stuck runner's process to be ended", 30)
+    assert "its lease is gone" in ended[0]
+    beat.stop()
+
+    other = store.create_run("demo")
+    second = store.acquire(other.id, "w1", FAST.lease_ttl_seconds)
+    assert second is not None
+    spared: list[str] = []
+    beat = Heartbeat(store, second, FAST, Telemetry(1), log, terminate=spared.append)
+    beat.start()
+    store.transition(other.id, Status.RUNNING, Status.CANCELLED, expected_epoch=second.epoch)
+    wait_for(beat.lost.is_set, "the lost lease", 30)
+    beat.stop()  # the runner stopped at its next check
+    assert spared == []
