@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from scheduler import watchdog
@@ -280,13 +282,14 @@ def test_queued_runs_survive_a_redis_restart(tmp_path: Path, pg_url: str) -> Non
         redis.wait(timeout=10)
 
 
-def test_a_run_stuck_in_a_page_cannot_hold_up_shutdown(
+def test_a_run_waiting_on_a_hung_page_stops_at_sigterm_all_the_same(
     tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
-    """A page that hangs: after the grace the child is killed, the worker exits, the run is recovered."""
+    """A page that takes two minutes: the runner waits for it in steps, so SIGTERM still
+    interrupts the run at once (checkpoint kept) and another worker resumes it."""
     c = Cluster(
         tmp_path, database_url=pg_url, broker_url=redis_url,
-        shutdown_grace_seconds="2", soft_shutdown_seconds="1",
+        shutdown_grace_seconds="5", soft_shutdown_seconds="1",
     )  # fmt: skip
     try:
         c.beat()
@@ -299,6 +302,59 @@ def test_a_run_stuck_in_a_page_cannot_hold_up_shutdown(
         time.sleep(1)  # a is now inside the two-minute page
         a.proc.send_signal(signal.SIGTERM)
         a.proc.wait(timeout=40)
+        assert "did not reach a safe point" not in a.log()
+        events = [e.event for e in c.entries(run_id)]
+        assert "run_interrupted" in events
+        c.worker("b")
+        wait_for(
+            lambda: (
+                [e.worker_id for e in c.entries(run_id) if e.event == "lease_acquired"]
+                == ["a", "b"]
+            ),
+            "b to resume the run",
+        )
+    finally:
+        c.close()
+
+
+def test_a_run_stuck_in_a_write_cannot_hold_up_shutdown(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    """A destination write that hangs (its table locked by someone else): after the grace the
+    child is killed, the worker exits, the run is recovered."""
+    schema = f"stuck_{secrets.token_hex(4)}"
+    c = Cluster(
+        tmp_path, database_url=pg_url, broker_url=redis_url,
+        shutdown_grace_seconds="2", soft_shutdown_seconds="1",
+    )  # fmt: skip
+    with c.pipelines_file.open("a") as fh:
+        fh.write(
+            f'\n[pipelines.stuck]\nsource = {{ type = "demo", profiles = 50, lists = 1 }}\n'
+            f'resources = [{{ name = "profiles" }}]\n'
+            f'destination = {{ type = "sql", url = "{pg_url}", schema = "{schema}" }}\n'
+        )
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    locker = psycopg.connect(dsn)
+    try:
+        locker.execute(f'CREATE SCHEMA "{schema}"')
+        locker.execute(
+            f'CREATE TABLE "{schema}"._quarry_slices (dest_table text NOT NULL, run_id text NOT NULL,'
+            " slice integer NOT NULL, epoch bigint NOT NULL, rows bigint,"
+            " written_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (dest_table, run_id, slice))"
+        )
+        locker.commit()
+        locker.execute(f'LOCK TABLE "{schema}"._quarry_slices IN ACCESS EXCLUSIVE MODE')
+        c.beat()
+        a = c.worker("a")
+        run_id = c.trigger("stuck")
+        wait_for(
+            lambda: any(e.event == "resource_started" for e in c.entries(run_id)),
+            "a to start its resource",
+        )
+        time.sleep(1)  # a is now blocked claiming its slice
+        a.proc.send_signal(signal.SIGTERM)
+        a.proc.wait(timeout=40)
         assert "did not reach a safe point within 2s" in a.log()
         c.worker("b")  # runs the watchdog's sweeps
         wait_for(
@@ -306,5 +362,11 @@ def test_a_run_stuck_in_a_page_cannot_hold_up_shutdown(
             "the watchdog to recover the run of the killed child",
         )
         assert "run_interrupted" not in [e.event for e in c.entries(run_id)]
+        locker.rollback()  # the table is free again: b finishes the run
+        assert c.wait_status(run_id, Status.SUCCEEDED, Status.FAILED).status is Status.SUCCEEDED
     finally:
+        locker.rollback()
+        locker.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        locker.commit()
+        locker.close()
         c.close()
