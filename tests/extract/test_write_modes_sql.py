@@ -438,3 +438,38 @@ def test_merge_names_a_missing_or_null_key_and_drifts_like_append(target: Target
     changes = log.events("schema_changed")
     assert [c.get("added_columns") for c in changes] == [["meta"], None]
     assert changes[1]["widened_columns"] == {"score": "bigint -> double precision"}
+
+
+def test_runs_creating_the_same_new_table_at_once_both_land(target: Target, pg_url: str) -> None:
+    """Two runs' first slices into a table that does not exist yet, at the same instant:
+    one creates it, the other finds it created (IF NOT EXISTS alone is not atomic)."""
+    first, look = target
+    second = build_destination(  # type: ignore[arg-type]
+        "sql", {"url": pg_url, "schema": first.config.db_schema, "table": "raw_{resource}"}, None
+    )
+    assert isinstance(second, PostgresDestination)
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def load(d: PostgresDestination, run: str, base: int) -> None:
+        staged = d.stage(key(APPEND_KEEP, run=run), quiet())
+        try:
+            barrier.wait()
+            staged.write(RowPage(["id", "v"], [(base + i, f"v{i}") for i in range(100)]))
+            staged.seal()
+            staged.publish()
+        except BaseException as exc:
+            errors.append(exc)
+            staged.discard()
+
+    threads = [
+        threading.Thread(target=load, args=(first, "run_a", 0)),
+        threading.Thread(target=load, args=(second, "run_b", 1000)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    second.close()
+    assert errors == []
+    assert len(rows(first, look)) == 200

@@ -778,6 +778,15 @@ class StagedTable:
         columns = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(types[n])) for n in new
         )
+        # Two runs creating the same new table at once: PostgreSQL's IF NOT EXISTS is not
+        # atomic, and the loser's catalog insert fails once the winner commits. The table
+        # (and its index) exist then; only the loser's savepoint was undone.
+        with contextlib.suppress(psycopg.errors.UniqueViolation):
+            self._create_in_savepoint(like, target, columns)
+
+    def _create_in_savepoint(
+        self, like: bool, target: sql.Identifier, columns: sql.Composed
+    ) -> None:
         with self.conn.transaction():
             if like:
                 self.conn.execute(
