@@ -73,17 +73,21 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def mysql_url() -> str:
-    """The MariaDB / MySQL test database's URL, after a connection check."""
+def mysql_url() -> Iterator[str]:
+    """A fresh MariaDB / MySQL database for this test process, dropped after (test
+    processes run side by side, and each loads its own ``src_orders``)."""
     engine = create_engine(MYSQL_URL)
+    name = f"quarry_test_{secrets.token_hex(4)}"
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(text(f"CREATE DATABASE `{name}`"))
     except Exception as exc:
-        require("MariaDB", exc)
-    finally:
         engine.dispose()
-    return MYSQL_URL
+        require("MariaDB", exc)
+    yield make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
+    with engine.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+    engine.dispose()
 
 
 @pytest.fixture
