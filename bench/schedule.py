@@ -130,16 +130,16 @@ def bare_beat() -> list[float]:
         "BENCH_NOOP_OUT": str(out),
         "BENCH_NOOP_EVERY": "2",
     }
-    common = ["-A", "bench.noop_app", "--loglevel", "warning"]
+    common = ["-A", "bench.noop_app"]
     worker = subprocess.Popen(
-        [str(CELERY), *common, "worker", "--concurrency", "2", "--without-mingle",
+        [str(CELERY), *common, "worker", "--loglevel", "warning", "--concurrency", "2", "--without-mingle",
          "--without-gossip", "--purge"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=env, stdout=(tmp / "worker.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     time.sleep(5)
     beat = subprocess.Popen(
-        [str(CELERY), *common, "beat", "--schedule", str(tmp / "beat.db")],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [str(CELERY), *common, "beat", "--loglevel", "warning", "--schedule", str(tmp / "beat.db")],
+        cwd=REPO, env=env, stdout=(tmp / "beat.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         wait_for(
