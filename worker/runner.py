@@ -49,7 +49,7 @@ from worker.pipelines import (
     get_pipeline,
     plan_slices,
 )
-from worker.reading import read_pages
+from worker.reading import PageReader
 from worker.runlog import Logger, get_logger
 from worker.runtime import Runtime
 from worker.scrub import scrubber
@@ -105,6 +105,8 @@ class _Attempt:
     #: High-water marks (JSON-encoded) of the last successful run, by resource.
     previous_marks: dict[str, Any] = field(default_factory=dict)
     destination: Destination | None = None
+    #: The thread this attempt's pages are read in (see worker/reading.py).
+    reader: PageReader = field(default_factory=PageReader)
 
     def scope(self) -> RunScope:
         """The run as its destination sees it at the end."""
@@ -297,6 +299,7 @@ class Runner:
             self._complete(a, totals, publish)
             return Outcome.SUCCEEDED
         finally:
+            a.reader.close()
             _close_quietly(source)
             if destination is not None:
                 destination.close()
@@ -430,7 +433,7 @@ class Runner:
         )
         staged: StagedSlice = destination.stage(key, a.log)
         try:
-            pages = read_pages(
+            pages = a.reader.read(
                 source.read(resource, window, context),
                 page_timeout=a.pipeline.page_timeout.total_seconds(),
                 check=lambda: self._check(a),
