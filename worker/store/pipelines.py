@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from worker.models import NewEntry, Run, Status, Trigger
 from worker.store.engine import aware, utcnow
-from worker.store.tables import pipeline_state, run_from_row, runs
+from worker.store.tables import pipeline_state, queued_run, run_from_row, runs
 
 #: Statuses of a run that has started and not ended; with ``started_at`` set, a
 #: ``queued`` run is between attempts (a retry, a recovery) and keeps its slot.
@@ -180,31 +180,18 @@ class PipelineQueries:
     ) -> list[Run]:
         """:meth:`create_fired` for many pipelines in one transaction and one INSERT (a tick
         with many pipelines due), oldest fire time first."""
-        from worker.store.store import new_run_id  # noqa: PLC0415 - store imports this mixin
-
         now = utcnow()
         rows = [
-            {
-                "id": new_run_id(),
-                "pipeline": pipeline,
-                "status": Status.QUEUED.value,
-                "attempt": 1,
-                "params": params or {},
-                "gateway": None,
-                "lease_epoch": 0,
-                "checkpoint": {},
-                "telemetry_summary": {},
-                "cancel_requested": False,
-                "created_at": now,
-                "queued_at": now,
-                "updated_at": now,
-                "trigger": trigger.value,
-                "triggered_by": triggered_by,
-                "fire_time": fire.fire_time,
-                "interval_start": fire.interval_start,
-                "interval_end": fire.interval_end,
-                "retries": 0,
-            }
+            queued_run(
+                pipeline,
+                params,
+                now,
+                trigger=trigger.value,
+                triggered_by=triggered_by,
+                fire_time=fire.fire_time,
+                interval_start=fire.interval_start,
+                interval_end=fire.interval_end,
+            )
             for pipeline, fires in wanted
             for fire in fires
         ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,7 +58,7 @@ from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.pipelines import PipelineQueries, active_runs_clause
 from worker.store.reads import EntryReads
-from worker.store.tables import run_from_row, runs
+from worker.store.tables import queued_run, run_from_row, runs
 from worker.store.tokens import TokenQueries
 from worker.store.transitions import RunTransitions
 from worker.store.webhooks import WebhookQueries
@@ -106,11 +105,6 @@ def _fence_update(names: tuple[str, ...], add_entries: bool, order_entries: bool
     if order_entries:
         stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
     return stmt
-
-
-def new_run_id() -> str:
-    """A fresh, unguessable run id."""
-    return f"run_{secrets.token_hex(8)}"
 
 
 class Store(
@@ -204,26 +198,18 @@ class Store(
         interval: tuple[datetime, datetime] | None = None,
     ) -> Run:
         """Store a new ``queued`` run and return it."""
-        now = utcnow()
-        values = {
-            "id": run_id or new_run_id(),
-            "pipeline": pipeline,
-            "status": Status.QUEUED.value,
-            "attempt": 1,
-            "params": params or {},
-            "gateway": gateway,
-            "lease_epoch": 0,
-            "checkpoint": {},
-            "telemetry_summary": {},
-            "cancel_requested": False,
-            "created_at": now,
-            "queued_at": now,
-            "updated_at": now,
-            "trigger": trigger.value,
-            "triggered_by": triggered_by,
-            "interval_start": interval[0] if interval else None,
-            "interval_end": interval[1] if interval else None,
-        }
+        values = queued_run(
+            pipeline,
+            params,
+            utcnow(),
+            gateway=gateway,
+            trigger=trigger.value,
+            triggered_by=triggered_by,
+            interval_start=interval[0] if interval else None,
+            interval_end=interval[1] if interval else None,
+        )
+        if run_id is not None:
+            values["id"] = run_id
         with self._transaction() as conn:
             conn.execute(insert(runs).values(**values))
         return self.get_run(str(values["id"]))

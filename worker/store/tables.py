@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from sqlalchemy import (
@@ -187,6 +188,35 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_run_id", "run_id"),
     sqlite_autoincrement=True,
 )
+
+
+def new_run_id() -> str:
+    """A fresh, unguessable run id."""
+    return f"run_{secrets.token_hex(8)}"
+
+
+def queued_run(
+    pipeline: str, params: dict[str, Any] | None, now: Any, **fields: Any
+) -> dict[str, Any]:
+    """The ``runs`` row of a new ``queued`` run; ``fields`` sets the rest (gateway, how it
+    started, its data interval)."""
+    return {
+        "id": new_run_id(),
+        "pipeline": pipeline,
+        "status": Status.QUEUED.value,
+        "attempt": 1,
+        "params": params or {},
+        "gateway": None,
+        "lease_epoch": 0,
+        "checkpoint": {},
+        "telemetry_summary": {},
+        "cancel_requested": False,
+        "created_at": now,
+        "queued_at": now,
+        "updated_at": now,
+        "retries": 0,
+        **fields,
+    }
 
 
 def run_from_row(row: Any) -> Run:
