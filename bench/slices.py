@@ -13,7 +13,8 @@ import psycopg
 
 from bench.ingest import NullStream
 from worker import runlog, signals
-from worker.runner import Outcome, Runner
+from worker.attempt import Outcome
+from worker.runner import Runner
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.store import Store

@@ -2,42 +2,38 @@
 
 It emits the lifecycle events, checkpoints after every slice (the slice file
 is published inside the same fenced transaction as the checkpoint and its
-``slice_completed`` entry), checks for SIGTERM, cancellation and a lost lease
-between pages, and ends the run as succeeded, failed, interrupted or
-cancelled. It never builds a query: all I/O goes through the store.
+``slice_completed`` entry), checks for SIGTERM, cancellation, a lost lease and
+its time limit while pages are read, and ends the run as succeeded, failed,
+interrupted, cancelled or queued for a retry (those endings are
+:mod:`worker.endings`). It never builds a query: all I/O goes through the store.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import random
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from worker import checkpoints, wording
+from worker.attempt import Attempt, Outcome, error_summary
 from worker.destinations import (
     Destination,
-    Publish,
-    RunScope,
     SliceKey,
     StagedSlice,
     WriteSpec,
     build_destination,
 )
+from worker.endings import RunEndings
 from worker.envrefs import resolve_and_register
 from worker.errors import (
     LeaseLost,
     QuarryError,
     RunTimeout,
-    SourceError,
     StopRequested,
-    is_retryable,
 )
 from worker.heartbeat import Heartbeat
 from worker.models import Event, Lease, NewEntry, Run, Status, StopReason
@@ -49,8 +45,7 @@ from worker.pipelines import (
     get_pipeline,
     plan_slices,
 )
-from worker.reading import PageReader
-from worker.runlog import Logger, get_logger
+from worker.runlog import get_logger
 from worker.runtime import Runtime
 from worker.scrub import scrubber
 from worker.signals import StopFlag
@@ -59,72 +54,11 @@ from worker.sources.base import ReadContext, decode_mark, encode_mark
 from worker.store.store import Waiting
 from worker.telemetry import Phase, Telemetry
 
-#: Longest error summary stored on a run.
-MAX_ERROR_SUMMARY = 2000
 #: Longest wait for a source to close (a hung read may hold its connection).
 CLOSE_SECONDS = 5.0
 
 
-class Outcome(enum.StrEnum):
-    """How one execution of ``execute_run`` ended."""
-
-    SKIPPED = "skipped"  # the lease was not ours to take: a duplicate delivery
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-    CANCELLED = "cancelled"
-    LEASE_LOST = "lease_lost"
-    #: Queued again for a retry, from its checkpoint, after a transient failure.
-    RETRYING = "retrying"
-    #: Not started: ``max_active_runs`` runs of its pipeline are active.
-    WAITING = "waiting"
-
-    @property
-    def ended(self) -> bool:
-        """Whether the run reached a terminal status in this execution."""
-        return self in {Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED}
-
-
-@dataclass
-class _Attempt:
-    """What one attempt of a run carries around."""
-
-    lease: Lease
-    log: Logger
-    pipeline: Pipeline
-    checkpoint: dict[str, Any]
-    telemetry: Telemetry
-    heartbeat: Heartbeat
-    started: float
-    #: When the run first started (its first attempt), for the run's whole duration.
-    first_started: datetime
-    #: The run as it was when this attempt took it (params, data interval, retries).
-    run: Run | None = None
-    #: When this attempt must have ended (``run_timeout``), on the monotonic clock.
-    deadline: float = float("inf")
-    #: High-water marks (JSON-encoded) of the last successful run, by resource.
-    previous_marks: dict[str, Any] = field(default_factory=dict)
-    destination: Destination | None = None
-    #: The thread this attempt's pages are read in (see worker/reading.py).
-    reader: PageReader = field(default_factory=PageReader)
-
-    def scope(self) -> RunScope:
-        """The run as its destination sees it at the end."""
-        return RunScope(
-            self.pipeline.name,
-            self.lease.run_id,
-            self.lease.epoch,
-            {r.name: WriteSpec.of(r) for r in self.pipeline.resources},
-        )
-
-
-def error_summary(exc: BaseException) -> str:
-    """A scrubbed, bounded one-line description of ``exc``."""
-    text = str(exc) if isinstance(exc, QuarryError) else f"{type(exc).__name__}: {exc}"
-    return scrubber.text(text)[:MAX_ERROR_SUMMARY]
-
-
-class Runner:
+class Runner(RunEndings):
     """Executes runs in this process."""
 
     def __init__(
@@ -206,10 +140,10 @@ class Runner:
         heartbeat = Heartbeat(
             self.store, lease, self.settings, telemetry, log, terminate=self.terminate
         )
-        attempt: _Attempt | None = None
+        attempt: Attempt | None = None
         try:
             pipeline = declared or get_pipeline(self.settings.pipelines_file, run.pipeline)
-            attempt = _Attempt(
+            attempt = Attempt(
                 lease,
                 log,
                 pipeline,
@@ -240,7 +174,7 @@ class Runner:
 
     # -- the extraction -------------------------------------------------------
 
-    def _run(self, a: _Attempt, params: dict[str, Any]) -> Outcome:
+    def _run(self, a: Attempt, params: dict[str, Any]) -> Outcome:
         pipeline = a.pipeline
         # Secret references resolve here, at run time, and are registered with the
         # scrubber before anything can log them. Run params are taken literally.
@@ -330,7 +264,7 @@ class Runner:
 
     def _resource(
         self,
-        a: _Attempt,
+        a: Attempt,
         *,
         source: Source,
         destination: Destination,
@@ -396,7 +330,7 @@ class Runner:
 
     def _slice(
         self,
-        a: _Attempt,
+        a: Attempt,
         source: Source,
         destination: Destination,
         resource: ResourceConfig,
@@ -478,7 +412,7 @@ class Runner:
 
     # -- safe points and transactions ----------------------------------------
 
-    def _check(self, a: _Attempt) -> None:
+    def _check(self, a: Attempt) -> None:
         """A safe point: stop here if the lease is gone, SIGTERM arrived or cancel was asked."""
         if not a.heartbeat.healthy or a.lease.epoch in self.rt.refused.get(a.lease.run_id, ()):
             raise LeaseLost(f"{a.lease.run_id} epoch {a.lease.epoch}")
@@ -490,249 +424,13 @@ class Runner:
             limit = wording.format_duration(a.pipeline.run_timeout.total_seconds())
             raise RunTimeout(f"the attempt ran longer than its run_timeout ({limit})")
 
-    def _pause(self, a: _Attempt, seconds: float) -> None:
+    def _pause(self, a: Attempt, seconds: float) -> None:
         """A source's backoff sleep, itself a safe point: it ends early on a stop."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             self._check(a)
             self.stop.wait(min(left, 0.25))
         self._check(a)
-
-    def _commit(
-        self,
-        a: _Attempt,
-        emit: Callable[[], None],
-        *,
-        checkpoint: dict[str, Any],
-        before_commit: Callable[[], None] | None = None,
-    ) -> None:
-        """Commit a checkpoint with its entries (and what was buffered before them) at once."""
-        self._state_change(
-            a.lease,
-            emit,
-            lambda entries: self.store.commit(
-                a.lease,
-                entries,
-                checkpoint=checkpoint,
-                summary=a.telemetry.snapshot(),
-                before_commit=before_commit,
-            ),
-        )
-        a.checkpoint = checkpoint
-
-    def _finish(
-        self,
-        lease: Lease,
-        status: Status,
-        emit: Callable[[], None],
-        *,
-        telemetry: Telemetry,
-        error: str | None = None,
-        before_commit: Publish | None = None,
-    ) -> None:
-        """End the attempt with ``status`` and its entries, in one fenced transaction."""
-        self._state_change(
-            lease,
-            emit,
-            lambda entries: self.store.finish(
-                lease,
-                status,
-                entries,
-                error_summary=error,
-                summary=telemetry.snapshot(),
-                before_commit=before_commit,
-            ),
-        )
-
-    def _state_change(
-        self,
-        lease: Lease,
-        emit: Callable[[], None],
-        write: Callable[[list[NewEntry]], None],
-    ) -> None:
-        """Write a state change with the entries ``emit`` logs and everything buffered before.
-
-        The writer's lock keeps the buffered batches and this transaction in log
-        order. If the write fails for another reason than a lost lease, the
-        buffered entries go back to the writer: a database blip loses none.
-        """
-        writer = self.rt.writer
-        with writer.io_lock:
-            with self.rt.sink.hold() as held:
-                emit()
-            earlier = self._take_own(lease.run_id)
-            try:
-                write([*earlier, *held])
-            except LeaseLost:
-                raise
-            except Exception:
-                writer.requeue(earlier)
-                raise
-
-    def _take_own(self, run_id: str) -> list[NewEntry]:
-        pending = self.rt.writer.take()
-        own = [e for e in pending if e.run_id == run_id]
-        others = [e for e in pending if e.run_id != run_id]
-        if others:
-            self.rt.writer.requeue(others)
-        return own
-
-    # -- endings --------------------------------------------------------------
-
-    def _complete(self, a: _Attempt, totals: dict[str, int], publish: Publish | None) -> None:
-        elapsed = time.monotonic() - a.started
-        # The run's duration is one figure everywhere: from its first start to its end,
-        # what `quarry runs show` calls "took"; this attempt's own time is said apart.
-        total = max((datetime.now(UTC) - a.first_started).total_seconds(), elapsed)
-        message = f"Run completed successfully in {wording.format_duration(total)}"
-        if a.lease.attempt > 1:
-            message += (
-                f" from its first start (attempt {a.lease.attempt} took "
-                f"{wording.format_duration(elapsed)})"
-            )
-        a.telemetry.set(current_phase=Phase.COMPLETED, progress=100.0, current_resource=None)
-        self._finish(
-            a.lease,
-            Status.SUCCEEDED,
-            lambda: a.log.info(
-                Event.RUN_COMPLETED,
-                message=message,
-                duration_seconds=round(total, 3),
-                attempt_seconds=round(elapsed, 3),
-                **totals,
-            ),
-            telemetry=a.telemetry,
-            before_commit=publish,
-        )
-
-    def _stop(self, a: _Attempt, stop: StopRequested) -> Outcome:
-        position = a.checkpoint.get("position")
-        if stop.reason is StopReason.CANCELLED:
-            a.telemetry.set(current_phase=Phase.CANCELLED)
-            self._finish(
-                a.lease,
-                Status.CANCELLED,
-                lambda: a.log.warning(
-                    Event.RUN_CANCELLED,
-                    message="Run cancelled at a safe point; checkpoint saved",
-                    checkpoint=position,
-                ),
-                telemetry=a.telemetry,
-            )
-            self._abort(a)
-            return Outcome.CANCELLED
-        a.telemetry.set(current_phase=Phase.INTERRUPTED)
-        where = (
-            f"{position['resource']} slice {position['slice']}"
-            if position and position.get("slice")
-            else (position or {}).get("resource", "start")
-        )
-        self._finish(
-            a.lease,
-            Status.INTERRUPTED,
-            lambda: a.log.warning(
-                Event.RUN_INTERRUPTED,
-                message=f"{stop.reason.value} received, checkpoint saved after {where}",
-                signal=stop.reason.value,
-                checkpoint=position,
-            ),
-            telemetry=a.telemetry,
-        )
-        return Outcome.INTERRUPTED
-
-    def _fail(
-        self,
-        lease: Lease,
-        log: Logger,
-        telemetry: Telemetry,
-        exc: BaseException,
-        attempt: _Attempt | None,
-    ) -> Outcome:
-        summary = error_summary(exc)
-        retry = self._retry_delay(attempt, exc)
-        try:
-            if attempt is not None and retry is not None:
-                self._queue_retry(attempt, exc, summary, retry)
-                return Outcome.RETRYING
-            telemetry.set(current_phase=Phase.FAILED)
-            self._finish(
-                lease,
-                Status.FAILED,
-                lambda: log.error(
-                    Event.RUN_FAILED,
-                    message=f"Run failed: {summary}",
-                    error=summary,
-                    error_type=type(exc).__name__,
-                    source_error=isinstance(exc, SourceError),
-                    retryable=is_retryable(exc),
-                    checkpoint=(attempt.checkpoint.get("position") if attempt else None),
-                ),
-                telemetry=telemetry,
-                error=summary,
-            )
-        except LeaseLost:
-            self.rt.writer.discard(lease.run_id)
-            return Outcome.LEASE_LOST
-        if attempt is not None:
-            self._abort(attempt)
-        return Outcome.FAILED
-
-    def _retry_delay(self, a: _Attempt | None, exc: BaseException) -> timedelta | None:
-        """How long before the next try, when the pipeline's retry policy allows one."""
-        if a is None or a.run is None or not is_retryable(exc):
-            return None
-        if a.heartbeat.cancel_requested.is_set() or a.run.retries >= a.pipeline.retries:
-            return None
-        base, cap = a.pipeline.retry_delay, a.pipeline.retry_max_delay
-        ceiling: timedelta = min(cap, base * 2**a.run.retries)
-        # Jitter: runs that failed together (a database restart) do not retry together.
-        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-
-    def _queue_retry(self, a: _Attempt, exc: BaseException, summary: str, delay: timedelta) -> None:
-        assert a.run is not None
-        due = datetime.now(UTC) + delay
-        number = a.run.retries + 1
-        position = a.checkpoint.get("position")
-        a.telemetry.set(current_phase=Phase.RETRYING)
-        self._state_change(
-            a.lease,
-            lambda: a.log.warning(
-                Event.RUN_RETRY,
-                message=(
-                    f"Attempt {a.lease.attempt} failed: {summary}; retry {number}/"
-                    f"{a.pipeline.retries} at {due:%H:%M:%S} UTC "
-                    f"(in {wording.format_duration(delay.total_seconds())}), from its checkpoint"
-                ),
-                error=summary,
-                error_type=type(exc).__name__,
-                retry=number,
-                retries=a.pipeline.retries,
-                next_attempt=a.lease.attempt + 1,
-                not_before=due.isoformat(),
-                delay_seconds=round(delay.total_seconds(), 3),
-                checkpoint=position,
-            ),
-            lambda entries: self.store.requeue_for_retry(
-                a.lease,
-                entries,
-                not_before=due,
-                error_summary=summary,
-                summary=a.telemetry.snapshot(),
-            ),
-        )
-
-    def _abort(self, a: _Attempt) -> None:
-        """After a terminal failure or cancel: what the write modes must not leave behind."""
-        if a.destination is None:
-            return
-        try:
-            a.destination.abort(a.scope(), a.log)
-        except Exception as exc:
-            a.log.warning(
-                Event.RUN_CLEANUP_FAILED,
-                message=f"Could not remove the run's output: {error_summary(exc)}",
-                error=error_summary(exc),
-            )
 
 
 def _interval(run: Run | None) -> tuple[datetime, datetime] | None:

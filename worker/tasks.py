@@ -12,12 +12,13 @@ from typing import Any
 from celery import signals as celery_signals
 
 from worker import signals, webhooks
+from worker.attempt import Outcome
 from worker.celery_app import EXECUTE_RUN, WEBHOOK, app
 from worker.errors import QuarryError, first_line
 from worker.pipelines import get_pipeline
 from worker.publish import publish_resumed, publish_run
 from worker.recovery import fast_recover, wake_waiting
-from worker.runner import Outcome, Runner
+from worker.runner import Runner
 from worker.runtime import close_runtime, get_runtime, prepare_store
 from worker.scrub import scrub
 from worker.settings import get_settings
