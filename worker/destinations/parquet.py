@@ -130,6 +130,26 @@ def _fit(table: pa.Table, schema: pa.Schema, first_row: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def schema_changes(before: pa.Schema, after: pa.Schema) -> tuple[list[str], dict[str, str]]:
+    """What widening ``before`` into ``after`` did: the new columns, and each column whose
+    type widened (``"int64 -> double"``; a null column taking a type is not a change)."""
+    added = [name for name in after.names if name not in before.names]
+    changed = {
+        name: f"{before.field(name).type} -> {after.field(name).type}"
+        for name in before.names
+        if not before.field(name).type.equals(after.field(name).type)
+        and before.field(name).type != pa.null()
+    }
+    return added, changed
+
+
+def describe_changes(added: list[str], changed: dict[str, str]) -> str:
+    """``new column 'zip', 'amount' widened int64 -> double``, for a ``schema_changed`` entry."""
+    return ", ".join(
+        [f"new column {n!r}" for n in added] + [f"{n!r} widened {c}" for n, c in changed.items()]
+    )
+
+
 def _casts(value: Any, source: pa.DataType, target: pa.DataType) -> bool:
     try:
         pa.array([value], type=source).cast(target, safe=True)
@@ -175,23 +195,14 @@ class StagedParquet:
         except _ARROW_ERRORS:
             raise DestinationError(self._conflict(table, first_row)) from None
         if not unified.equals(current):
-            added = [name for name in unified.names if name not in current.names]
-            changed = {
-                name: f"{current.field(name).type} -> {unified.field(name).type}"
-                for name in current.names
-                if not current.field(name).type.equals(unified.field(name).type)
-                and current.field(name).type != pa.null()
-            }
+            added, changed = schema_changes(current, unified)
             self._widen(unified)
             if added or changed:
                 self.log.warning(
                     Event.SCHEMA_CHANGED,
                     message=(
                         f"Schema changed at row {first_row} of {self.final.name}: "
-                        + ", ".join(
-                            [*(f"new column {n!r}" for n in added)]
-                            + [f"{n!r} widened {c}" for n, c in changed.items()]
-                        )
+                        + describe_changes(added, changed)
                     ),
                     file=self.final.name,
                     row=first_row,
@@ -382,22 +393,13 @@ def _unify(
         raise  # unreachable in practice: some pair of fields conflicts
     if published and log is not None:
         before = pa.unify_schemas([t.schema for t in published], promote_options="permissive")
-        added = [name for name in unified.names if name not in before.names]
-        changed = {
-            name: f"{before.field(name).type} -> {unified.field(name).type}"
-            for name in before.names
-            if not before.field(name).type.equals(unified.field(name).type)
-            and before.field(name).type != pa.null()
-        }
+        added, changed = schema_changes(before, unified)
         if added or changed:
             log.warning(
                 Event.SCHEMA_CHANGED,
                 message=(
                     f"Schema of the merged set of {resource} changed: "
-                    + ", ".join(
-                        [f"new column {n!r}" for n in added]
-                        + [f"{n!r} widened {c}" for n, c in changed.items()]
-                    )
+                    + describe_changes(added, changed)
                 ),
                 resource=resource,
                 added_columns=added,
