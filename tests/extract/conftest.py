@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
 from tests.crm_api import CrmServer
+from worker.destinations import build_destination
+from worker.destinations.postgres import PostgresDestination
 
 
 class RecordingLog:
@@ -89,3 +93,19 @@ def load_orders(url: str, count: int) -> None:
             rows,
         )
     engine.dispose()
+
+
+@pytest.fixture
+def target(pg_url: str) -> Iterator[tuple[PostgresDestination, psycopg.Connection[Any]]]:
+    """A sql destination writing ``raw_<resource>`` to a fresh schema, and a connection to
+    look with; the schema is dropped after."""
+    schema = f"dest_{uuid.uuid4().hex[:8]}"
+    d = build_destination("sql", {"url": pg_url, "schema": schema, "table": "raw_{resource}"}, None)  # type: ignore[arg-type]
+    assert isinstance(d, PostgresDestination)
+    look = psycopg.connect(
+        pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    )
+    yield d, look
+    d.close()
+    look.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    look.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -18,21 +16,6 @@ from worker.destinations import SliceKey, build_destination
 from worker.destinations.postgres import PostgresDestination
 from worker.errors import ConfigError, DestinationError, LeaseLost
 from worker.sources.base import RowPage
-
-
-@pytest.fixture
-def target(pg_url: str) -> Iterator[tuple[PostgresDestination, psycopg.Connection[Any]]]:
-    """A destination writing to a fresh schema, and a connection to look with."""
-    schema = f"dest_{uuid.uuid4().hex[:8]}"
-    d = build_destination("sql", {"url": pg_url, "schema": schema, "table": "raw_{resource}"}, None)  # type: ignore[arg-type]
-    assert isinstance(d, PostgresDestination)
-    look = psycopg.connect(
-        pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
-    )
-    yield d, look
-    d.close()
-    look.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    look.close()
 
 
 def key(index: int = 1, epoch: int = 1, run: str = "run_1") -> SliceKey:

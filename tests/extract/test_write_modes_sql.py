@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -24,21 +22,6 @@ REPLACE = WriteSpec(WriteMode.REPLACE)
 MERGE = WriteSpec(WriteMode.MERGE, ("id",), hard_delete="deleted")
 
 Target = tuple[PostgresDestination, psycopg.Connection[Any]]
-
-
-@pytest.fixture
-def target(pg_url: str) -> Iterator[Target]:
-    """A destination writing ``raw_orders`` to a fresh schema, and a connection to look with."""
-    schema = f"modes_{uuid.uuid4().hex[:8]}"
-    d = build_destination("sql", {"url": pg_url, "schema": schema, "table": "raw_{resource}"}, None)  # type: ignore[arg-type]
-    assert isinstance(d, PostgresDestination)
-    look = psycopg.connect(
-        pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
-    )
-    yield d, look
-    d.close()
-    look.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    look.close()
 
 
 def quiet() -> Any:
