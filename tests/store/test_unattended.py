@@ -140,3 +140,11 @@ def test_pause_and_resume_restart_the_clock(store: Store) -> None:
     assert not resumed.paused and resumed.paused_by is None
     assert resumed.anchor is not None and resumed.anchor > T0
     assert resumed.schedule_key == "@hourly UTC"
+
+
+def test_the_newest_runs_of_each_pipeline_in_one_query(store: Store) -> None:
+    made = {name: [store.create_run(name) for _ in range(4)] for name in ("p", "q")}
+    last = store.last_runs(["p", "q", "none"], per_pipeline=3)
+    for name, runs in made.items():
+        assert [r.id for r in last[name]] == [r.id for r in reversed(runs)][:3]
+    assert last["none"] == []

@@ -289,15 +289,24 @@ class PipelineQueries:
             return [run_from_row(row) for row in conn.execute(query)]
 
     def last_runs(self, pipelines: Iterable[str], per_pipeline: int = 10) -> dict[str, list[Run]]:
-        """The newest runs of each pipeline, newest first (a pipeline list's status strip)."""
-        found: dict[str, list[Run]] = {}
+        """The newest runs of each pipeline, newest first (a pipeline list's status strip),
+        in one query however many pipelines are asked for."""
+        names = list(pipelines)
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=runs.c.pipeline, order_by=(runs.c.created_at.desc(), runs.c.id.desc())
+            )
+            .label("rank")
+        )
+        ranked = select(runs, rank).where(runs.c.pipeline.in_(names)).subquery()
+        query = (
+            select(*(ranked.c[c.name] for c in runs.c))
+            .where(ranked.c.rank <= per_pipeline)
+            .order_by(ranked.c.pipeline, ranked.c.rank)
+        )
+        found: dict[str, list[Run]] = {name: [] for name in names}
         with self._reader.connect() as conn:
-            for name in pipelines:
-                query = (
-                    select(runs)
-                    .where(runs.c.pipeline == name)
-                    .order_by(runs.c.created_at.desc(), runs.c.id.desc())
-                    .limit(per_pipeline)
-                )
-                found[name] = [run_from_row(row) for row in conn.execute(query)]
+            for row in conn.execute(query):
+                found[row.pipeline].append(run_from_row(row))
         return found
