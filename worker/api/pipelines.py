@@ -12,8 +12,7 @@ from worker import control
 from worker.api.auth import OperatorDep, SettingsDep, StoreDep, TokenDep
 from worker.api.params import NoQueryDep
 from worker.api.responses import documented, json_body
-from worker.api.runs import status_of, token_label, without_paths
-from worker.errors import QuarryError
+from worker.api.runs import operator_errors, token_label
 from worker.publish import publish_run
 from worker.store.tokens import Token
 
@@ -45,10 +44,8 @@ def list_pipelines(
 ) -> Response:
     """Every pipeline: schedule, next fire time, paused, active runs, the last runs' statuses."""
     _not_gateway(token)
-    try:
+    with operator_errors(settings):
         views = control.pipelines_overview(db, settings)
-    except QuarryError as exc:
-        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body({"pipelines": [v.as_dict() for v in views]})
 
 
@@ -58,21 +55,17 @@ def get_pipeline(
 ) -> Response:
     """One pipeline with its state."""
     _not_gateway(token)
-    try:
+    with operator_errors(settings):
         views = control.pipelines_overview(db, settings, name)
-    except QuarryError as exc:
-        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body(views[0].as_dict())
 
 
 def _set_paused(
     name: str, paused: bool, db: StoreDep, settings: SettingsDep, token: Token
 ) -> Response:
-    try:
+    with operator_errors(settings):
         control.set_paused(db, settings, name, paused, by=token_label(token))
         views = control.pipelines_overview(db, settings, name)
-    except QuarryError as exc:
-        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body(views[0].as_dict())
 
 
@@ -105,7 +98,7 @@ def backfill(
 ) -> Response:
     """One run per schedule interval within ``[from, to]``; intervals that already have a
     run (an earlier backfill, the schedule) are skipped, so repeating it adds nothing."""
-    try:
+    with operator_errors(settings):
         done = control.backfill(
             db,
             settings,
@@ -115,8 +108,6 @@ def backfill(
             end=body.end,
             triggered_by=token_label(token),
         )
-    except QuarryError as exc:
-        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body(
         {
             "intervals": done.intervals,

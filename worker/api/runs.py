@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -85,7 +87,7 @@ def trigger(
     body: TriggerBody, db: StoreDep, settings: SettingsDep, token: OperatorDep, _q: NoQueryDep
 ) -> Response:
     """Queue a run of a pipeline; 201 with the run (``triggered_by`` names the token)."""
-    try:
+    with operator_errors(settings):
         run = control.trigger(
             db,
             settings,
@@ -95,8 +97,6 @@ def trigger(
             gateway=body.gateway,
             triggered_by=token_label(token),
         )
-    except QuarryError as exc:
-        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
     return json_body(run.as_dict(), 201)
 
 
@@ -181,6 +181,16 @@ def without_paths(message: str, settings: Settings) -> str:
     ):
         message = message.replace(shown, path.name)
     return message
+
+
+@contextlib.contextmanager
+def operator_errors(settings: Settings) -> Iterator[None]:
+    """An operator action's error as an HTTP error: its status (:func:`status_of`) and its
+    message, naming the pipelines file but never where the server keeps it."""
+    try:
+        yield
+    except QuarryError as exc:
+        raise HTTPException(status_of(exc), without_paths(str(exc), settings)) from None
 
 
 def status_of(exc: QuarryError) -> int:
