@@ -151,6 +151,15 @@ class Backfill:
         """Intervals that already had a run (a repeated backfill, or the schedule's own)."""
         return self.intervals - len(self.created)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The documented JSON shape (API, ``--json``)."""
+        return {
+            "intervals": self.intervals,
+            "created": len(self.created),
+            "existing": self.existing,
+            "runs": [r.as_dict() for r in self.created],
+        }
+
 
 def backfill(
     store: Store,

@@ -108,12 +108,4 @@ def backfill(
             end=body.end,
             triggered_by=token_label(token),
         )
-    return json_body(
-        {
-            "intervals": done.intervals,
-            "created": len(done.created),
-            "existing": done.existing,
-            "runs": [r.as_dict() for r in done.created],
-        },
-        201,
-    )
+    return json_body(done.as_dict(), 201)

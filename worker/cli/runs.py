@@ -128,14 +128,7 @@ def runs_backfill(
         triggered_by=cli_user(),
     )
     if as_json:
-        print_json(
-            {
-                "intervals": done.intervals,
-                "created": len(done.created),
-                "existing": done.existing,
-                "runs": [r.as_dict() for r in done.created],
-            }
-        )
+        print_json(done.as_dict())
         return
     out.print(
         f"queued {plural(len(done.created), 'run')} for "
