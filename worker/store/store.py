@@ -58,6 +58,7 @@ from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.pipelines import PipelineQueries, active_runs_clause
 from worker.store.reads import EntryReads
+from worker.store.sessions import SessionQueries
 from worker.store.tables import queued_run, run_from_row, runs
 from worker.store.tokens import TokenQueries
 from worker.store.transitions import RunTransitions
@@ -112,6 +113,7 @@ class Store(
     RunTransitions,
     EntryReads,
     TokenQueries,
+    SessionQueries,
     MaintenanceQueries,
     WebhookQueries,
     ExternalWrites,

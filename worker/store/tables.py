@@ -158,6 +158,24 @@ api_tokens = Table(
     Column("last_used_at", Timestamp, nullable=True),
 )
 
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    # SHA-256 of the cookie's secret: a leaked table does not leak usable sessions.
+    Column("id", String(64), primary_key=True),
+    Column(
+        "token_id",
+        String(32),
+        ForeignKey("api_tokens.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # The per-session CSRF secret every state-changing form and request echoes.
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+)
+
 pipeline_state = Table(
     "pipeline_state",
     metadata,
