@@ -89,6 +89,7 @@ class Ticker:
         result = TickResult()
         for run_id in store.claim_due_retries(now):
             if _publish(publish_resumed, run_id):
+                _log.info("schedule tick: retry of %s is due; published", run_id)
                 result.retried.append(run_id)
         scheduled = {name: p for name, p in pipelines.items() if p.schedule is not None}
         for gone in set(self._clocks) - set(scheduled):
@@ -123,6 +124,7 @@ class Ticker:
         store.start_schedules(starting, now)
         created = store.create_fired_many(wanted, trigger=Trigger.SCHEDULE, advance_clock=True)
         for run in created:
+            _log.info("schedule tick: created %s of %s for %s", run.id, run.pipeline, _fire(run))
             _publish(publish, run.id)
         result.created.extend(created)
         return result
@@ -156,6 +158,10 @@ def _due_fires(
 def _key(pipeline: Pipeline) -> str:
     schedule = pipeline.cron
     return schedule.key if schedule is not None else ""
+
+
+def _fire(run: Run) -> str:
+    return f"fire time {run.fire_time.isoformat()}" if run.fire_time else "its schedule"
 
 
 def _publish(publish: Publish, run_id: str) -> bool:

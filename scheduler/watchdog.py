@@ -6,10 +6,16 @@ record and the clocks); this is the timed I/O around them.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 from worker.recovery import Action, Decision, Publish, act, decide
 from worker.store import Store
+
+_log = logging.getLogger("quarry.watchdog")
+
+#: A graceful stop's re-queue is routine; every other action means something went wrong.
+_ROUTINE = frozenset({Action.FAST_RECOVER})
 
 
 def sweep(
@@ -23,7 +29,8 @@ def sweep(
     now = datetime.now(UTC)
     db_now = store.db_time()
     won: list[Decision] = []
-    for run in store.watchdog_candidates(queued_before=now - republish_after):
+    candidates = store.watchdog_candidates(queued_before=now - republish_after)
+    for run in candidates:
         decision = decide(
             run, db_now=db_now, now=now, max_attempts=max_attempts, republish_after=republish_after
         )
@@ -31,4 +38,15 @@ def sweep(
             store, decision, publish, max_attempts=max_attempts
         ):
             won.append(decision)
+            log_action(decision)
+    _log.debug("watchdog sweep: %d candidates, %d acted on", len(candidates), len(won))
     return won
+
+
+def log_action(decision: Decision) -> None:
+    """One line for one action this sweep won: the action, the run and why."""
+    level = logging.INFO if decision.action in _ROUTINE else logging.WARNING
+    run, reason = decision.run, decision.reason
+    if decision.action is Action.RECOVER:
+        reason += f"; attempt {run.attempt + 1} next"
+    _log.log(level, "watchdog %s %s: %s", decision.action.value, run.id, reason)
