@@ -8,6 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker import broker as _broker  # noqa: F401 - registers the embedded transport
+from worker import workerlogs
 from worker.settings import Settings, get_settings
 
 #: Name of the task that executes a run.
@@ -93,5 +94,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("quarry", include=["worker.tasks", "scheduler.tasks"])
+app = Celery(
+    "quarry", include=["worker.tasks", "scheduler.tasks"], task_cls="worker.workerlogs:QuarryTask"
+)
 app.add_defaults(lambda: celery_config(get_settings()))
+# What the worker logs and at which level: see worker/workerlogs.py and docs/operations.md.
+workerlogs.install(runs=[EXECUTE_RUN], quiet=[WATCHDOG, SCHEDULE_TICK])
