@@ -136,6 +136,40 @@ def test_json_pages_are_the_core_query_as_dict_bytes(
     assert page.cursor == (want[limit - 1].id if len(want) > limit else None)
 
 
+BACKWARD_CASES: list[dict[str, Any]] = [
+    {"before_id": 10**17, "limit": 10},
+    {"before_id": 10**17, "limit": 1000},
+    {"before_id": 50, "limit": 7},
+    {"before_id": 3, "limit": 7},
+    {"before_id": 10**17, "run_id": "RUN", "limit": 9},
+    {"before_id": 90, "run_id": "RUN", "min_level": Level.WARNING, "limit": 4},
+    {"before_id": 10**17, "run_id": "RUN", "event": "ev3", "limit": 2},
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_backward_pages_are_the_newest_entries_below_the_mark_oldest_first(
+    filled: tuple[Store, str, str], case: dict[str, Any]
+) -> None:
+    """Reading a run's tail and then older pages: every entry once, in id order, no gap."""
+    store, big, _ = filled
+    filters = {k: (big if v == "RUN" else v) for k, v in case.items()}
+    before, limit = filters.pop("before_id"), filters.pop("limit")
+    below = [e for e in reference(store, **filters, limit=10_000) if e.id < before]
+    want = below[-limit:]
+    page = store.entry_page_json(**filters, before_id=before, limit=limit)
+    assert page.entries.decode() == jsonfmt.dumps([e.as_dict() for e in want])
+    assert page.cursor == (want[0].id if len(below) > limit else None)
+    # Paging back from the tail to the start reads every entry exactly once.
+    seen: list[int] = []
+    mark: int | None = before
+    while mark is not None:
+        back = store.entry_page_json(**filters, before_id=mark, limit=limit)
+        seen[:0] = [e["id"] for e in orjson.loads(back.entries)]
+        mark = back.cursor
+    assert seen == [e.id for e in below]
+
+
 def test_run_page_checks_the_run_and_its_gateway(filled: tuple[Store, str, str]) -> None:
     """One run's page: the same bytes and cursor; a missing run or another gateway's raises."""
     store, big, other = filled

@@ -139,6 +139,9 @@ class _EntryQuery:
     run_id: str | None
     after_id: int = 0
     limit: int = 1000
+    #: Read backwards: the newest entries below this id (the query returns them newest
+    #: first; :meth:`EntryReads._page_json` turns the page around).
+    before_id: int | None = None
     min_level: Level | None = None
     event: str | None = None
     worker_id: str | None = None
@@ -161,6 +164,10 @@ class _EntryQuery:
             where.append("run_id >= %s AND run_id <= %s")
             params += [self.run_id, self.run_id]
         order = "run_id, id" if self.run_id is not None else "id"
+        if self.before_id is not None:
+            where.append("id < %s")
+            params.append(self.before_id)
+            order = "run_id DESC, id DESC" if self.run_id is not None else "id DESC"
         self._filters(where, params, "%s", lambda value: value)
         sql = (
             f"SELECT {columns} FROM log_entries WHERE {' AND '.join(where)} "  # noqa: S608
@@ -177,11 +184,16 @@ class _EntryQuery:
             # SQLite plans the equality well and would scan the whole run for the range.
             where.append("run_id = ?")
             params.append(self.run_id)
+        order = "id"
+        if self.before_id is not None:
+            where.append("id < ?")
+            params.append(self.before_id)
+            order = "id DESC"
         bind = log_entries.c.occurred_at.type.dialect_impl(dialect).bind_processor(dialect)
         self._filters(where, params, "?", bind or (lambda value: value))
         sql = (
             f"SELECT {columns} FROM log_entries WHERE {' AND '.join(where)} "  # noqa: S608
-            "ORDER BY id LIMIT ?"
+            f"ORDER BY {order} LIMIT ?"
         )
         return sql, (*params, self.limit)
 
@@ -226,6 +238,9 @@ class EntryFilters(TypedDict, total=False):
 
     #: The cursor: entries with a larger id.
     after_id: int
+    #: Reading backwards: the newest entries with a smaller id (a page's cursor is then
+    #: its oldest id, while older entries remain).
+    before_id: int | None
     #: Most entries returned (1000 unless given).
     limit: int
     #: This level and above (``warning``: warnings and errors).
@@ -237,6 +252,15 @@ class EntryFilters(TypedDict, total=False):
     #: ``occurred_at`` bounds, both inclusive.
     since: datetime | None
     until: datetime | None
+
+
+def _joined(rows: list[tuple[int, str]]) -> bytes:
+    """SQLite's per-entry JSON texts as one JSON array: the brackets on the end items, one
+    join, one encode, no more copies of the page."""
+    texts = [text for _, text in rows]
+    texts[0] = "[" + texts[0]
+    texts[-1] += "]"
+    return ",".join(texts).encode()
 
 
 def _levels_at_least(level: Level) -> list[str]:
@@ -311,16 +335,18 @@ class EntryReads:
             del rows[limit:]
             if not rows:
                 return JsonPage(b"[]", None)
-            texts = [text for _, text in rows]
-            # The brackets on the end items: one join, one encode, no more copies of the page.
-            texts[0] = "[" + texts[0]
-            texts[-1] += "]"
-            return JsonPage(",".join(texts).encode(), rows[-1][0] if more else None)
+            if page.before_id is not None:
+                rows.reverse()  # read newest first; a page is always oldest first
+                return JsonPage(_joined(rows), rows[0][0] if more else None)
+            return JsonPage(_joined(rows), rows[-1][0] if more else None)
         # PostgreSQL: jsonb and timestamptz text are not orjson's, so the page goes through
         # dicts (a ratio to raw SQL that already met the goal; see docs/design.md).
         dicts = self._read_entries(conn, query, _dict_from_tuple, utc_text=True)
         more = len(dicts) > limit
         del dicts[limit:]
+        if page.before_id is not None:
+            dicts.reverse()
+            return JsonPage(entries_json(dicts), dicts[0]["id"] if more and dicts else None)
         return JsonPage(entries_json(dicts), dicts[-1]["id"] if more and dicts else None)
 
     def _read_entries(
