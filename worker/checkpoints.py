@@ -33,12 +33,14 @@ def record_slice(
     seconds: float,
     since: Any = None,
     high_water: Any = None,
+    total: int | None = None,
 ) -> dict[str, Any]:
     """A new checkpoint with slice ``index`` of ``resource`` committed.
 
     ``since`` and ``high_water`` are incremental marks, already JSON-encoded:
     where this run started reading the resource, and the highest cursor value
-    it has read so far (kept across slices).
+    it has read so far (kept across slices). ``total``: the resource's slice count, kept in
+    the position so that a reader can say how far the resource is.
     """
     state = resource_state(checkpoint, resource)
     if since is not None:
@@ -53,9 +55,10 @@ def record_slice(
         bytes=int(state.get("bytes", 0)) + bytes_,
         duration_seconds=round(float(state.get("duration_seconds", 0.0)) + seconds, 3),
     )
-    return _with_resource(
-        checkpoint, resource, state, position={"resource": resource, "slice": index}
-    )
+    position: dict[str, Any] = {"resource": resource, "slice": index}
+    if total is not None:
+        position["slices"] = total  # for a reader: "events: slice 37/104"
+    return _with_resource(checkpoint, resource, state, position=position)
 
 
 def record_resource_done(checkpoint: dict[str, Any], resource: str) -> dict[str, Any]:

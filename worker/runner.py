@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from worker import checkpoints, wording
+from worker import checkpoints, wording, workermetrics
 from worker.attempt import Attempt, Outcome, error_summary
 from worker.destinations import (
     Destination,
@@ -141,6 +141,7 @@ class Runner(RunEndings):
             self.store, lease, self.settings, telemetry, log, terminate=self.terminate
         )
         attempt: Attempt | None = None
+        workermetrics.run_began()
         try:
             pipeline = declared or get_pipeline(self.settings.pipelines_file, run.pipeline)
             attempt = Attempt(
@@ -171,6 +172,7 @@ class Runner(RunEndings):
         finally:
             heartbeat.stop()
             self.rt.refused.pop(run_id, None)
+            workermetrics.run_ended()
 
     # -- the extraction -------------------------------------------------------
 
@@ -388,6 +390,7 @@ class Runner(RunEndings):
                 seconds=seconds,
                 since=since,
                 high_water=encode_mark(context.high_water),
+                total=window.total if window is not None else None,
             )
             emit: Callable[[], None] = lambda: None  # noqa: E731 - an unsliced resource says nothing
             if window is not None:
@@ -405,7 +408,13 @@ class Runner(RunEndings):
                 )
             a.telemetry.add(rows=stats.rows, bytes_=stats.bytes, files=stats.files)
             a.telemetry.unit_done()
-            self._commit(a, emit, checkpoint=checkpoint, before_commit=staged.publish)
+            self._commit(
+                a,
+                emit,
+                checkpoint=checkpoint,
+                before_commit=staged.publish,
+                loaded=(stats.rows, stats.bytes),
+            )
         except BaseException:
             staged.discard()
             raise
