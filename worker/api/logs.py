@@ -13,8 +13,8 @@ from worker.api.auth import StoreDep, TokenDep, visible_run
 from worker.api.params import (
     ENTRY_CURSOR,
     FlatLogQuery,
-    NoQueryDep,
     RunLogQuery,
+    StreamQuery,
     as_utc,
     entry_cursor,
 )
@@ -39,6 +39,7 @@ def run_logs(
             run_id,
             gateway=token.gateway,
             after_id=entry_cursor(q.cursor),
+            before_id=int(q.before) if q.before is not None else None,
             limit=q.limit,
             min_level=Level.parse(q.level) if q.level else None,
             event=q.event,
@@ -54,9 +55,10 @@ def run_logs(
 async def run_stream(
     run_id: str,
     request: Request,
+    *,
     db: StoreDep,
     token: TokenDep,
-    _q: NoQueryDep,
+    q: Annotated[StreamQuery, Query()],
     last_event_id: Annotated[
         str | None, Header(alias="Last-Event-ID", pattern=ENTRY_CURSOR)
     ] = None,
@@ -66,13 +68,12 @@ async def run_stream(
         visible_run(db, token, run_id)
     else:
         await run_in_threadpool(visible_run, db, token, run_id)
-    secret: str = request.state.secret
     events = stream.entry_events(
         request.app.state.feeds,
         run_id,
-        after_id=entry_cursor(last_event_id),
-        secret=secret,
-        still_authorised=lambda: db.verify_token(secret) is not None,
+        after_id=entry_cursor(last_event_id or q.after),
+        secret=request.state.secret,
+        still_authorised=request.state.still_authorised,
         disconnected=request.is_disconnected,
     )
     return EventSourceResponse(events, ping=STREAM_PING_SECONDS)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from worker.models import Event, Status
 
@@ -111,8 +111,36 @@ class RunLogQuery(_Query):
     from_: TimeBound = Field(default=None, validation_alias=AliasChoices("from", "fromDate"))
     to: TimeBound = Field(default=None, validation_alias=AliasChoices("to", "toDate"))
     cursor: str | None = Field(default=None, pattern=ENTRY_CURSOR)
+    before: str | None = Field(
+        default=None,
+        pattern=ENTRY_CURSOR,
+        description=(
+            "Read backwards: the newest entries with a smaller id, still oldest first; "
+            "`cursor` is then the page's oldest id while older entries remain (the next "
+            "`before`). `before=999999999999999999` reads a run's tail."
+        ),
+    )
     limit: int = Field(
         default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=AliasChoices("limit", "count")
+    )
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> RunLogQuery:
+        if self.cursor is not None and self.before is not None:
+            raise ValueError("give cursor (forwards) or before (backwards), not both")
+        return self
+
+
+class StreamQuery(_Query):
+    """``GET /api/v1/action-runs/{id}/logs/stream``."""
+
+    after: str | None = Field(
+        default=None,
+        pattern=ENTRY_CURSOR,
+        description=(
+            "Start after this entry id (a page's newest), so a viewer that read the tail "
+            "streams only what follows; `Last-Event-ID`, sent on a reconnect, wins."
+        ),
     )
 
 
