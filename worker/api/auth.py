@@ -1,10 +1,18 @@
 """Who is asking: the bearer token (checked on every request), its scope, and the runs it
 may see. ``operator`` may do everything; ``read`` only reads; ``gateway:NAME`` reads
-and reports only on runs targeted at gateway NAME (any other run is a 404)."""
+and reports only on runs targeted at gateway NAME (any other run is a 404).
+
+A console session (the ``quarry_session`` cookie, :mod:`worker.console`) stands for
+the token it was exchanged for, so the console's own requests see exactly what
+that token sees. A request that changes something with a cookie must carry the
+session's CSRF secret in ``X-CSRF-Token``: a cookie alone proves nothing about who
+made the request."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import hmac
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,9 +22,18 @@ from worker.errors import RunNotFound
 from worker.models import Run
 from worker.settings import Settings
 from worker.store import Store
+from worker.store.sessions import Session
 from worker.store.tokens import Scope, Token
 
 _bearer = HTTPBearer(auto_error=False)
+_T = TypeVar("_T")
+
+#: The console's session cookie.
+SESSION_COOKIE = "quarry_session"
+#: The header that carries a session's CSRF secret on a state-changing request.
+CSRF_HEADER = "X-CSRF-Token"
+#: Methods that change nothing, so a session cookie alone may make them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _store_of(request: Request) -> Store:
@@ -38,22 +55,48 @@ async def _settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
+async def _off_loop(store: Store, call: Callable[[str], _T], secret: str) -> _T:
+    if store.dialect == "sqlite":
+        # One indexed read of a local file, on the event loop: the trip through the thread
+        # pool and back cost more than the read.
+        return call(secret)
+    return await run_in_threadpool(call, secret)  # a network round trip: off the loop
+
+
+async def session_of(request: Request) -> Session | None:
+    """The live console session this request's cookie opens, or None."""
+    secret = request.cookies.get(SESSION_COOKIE)
+    if not secret:
+        return None
+    store = _store_of(request)
+    return await _off_loop(store, store.get_session, secret)
+
+
 async def _authenticated(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Token:
-    if credentials is None:
-        raise HTTPException(401, "missing bearer token")
     store = _store_of(request)
-    if store.dialect == "sqlite":
-        # One indexed read of a local file, on the event loop: the trip through the thread
-        # pool and back cost more than the read.
-        token = store.verify_token(credentials.credentials)
-    else:  # a network round trip: off the loop
-        token = await run_in_threadpool(store.verify_token, credentials.credentials)
+    if credentials is None:
+        secret = request.cookies.get(SESSION_COOKIE)
+        if not secret:
+            raise HTTPException(401, "missing bearer token")
+        session = await _off_loop(store, store.get_session, secret)
+        if session is None:
+            raise HTTPException(401, "the session has ended: sign in again")
+        if request.method not in SAFE_METHODS and not hmac.compare_digest(
+            request.headers.get(CSRF_HEADER, ""), session.csrf
+        ):
+            raise HTTPException(403, f"a change made with a session needs {CSRF_HEADER}")
+        request.state.secret = secret
+        request.state.still_authorised = lambda: store.get_session(secret) is not None
+        return session.token
+    token = await _off_loop(store, store.verify_token, credentials.credentials)
     if token is None:
         raise HTTPException(401, "invalid or revoked token")
-    request.state.secret = credentials.credentials
+    bearer = credentials.credentials
+    request.state.secret = bearer
+    request.state.still_authorised = lambda: store.verify_token(bearer) is not None
     return token
 
 
