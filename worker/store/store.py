@@ -46,6 +46,7 @@ from worker.models import (
 )
 from worker.scrub import describe
 from worker.store import migrate
+from worker.store.console import ConsoleQueries
 from worker.store.engine import db_epoch, make_engine, utcnow
 from worker.store.entries import (
     _TOUCHED,
@@ -114,6 +115,7 @@ class Store(
     EntryReads,
     TokenQueries,
     SessionQueries,
+    ConsoleQueries,
     MaintenanceQueries,
     WebhookQueries,
     ExternalWrites,
