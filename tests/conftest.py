@@ -106,7 +106,7 @@ def truncate(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens, webhook_deliveries, pipeline_state RESTART IDENTITY CASCADE"
+                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens, webhook_deliveries, pipeline_state, pipeline_metrics RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()

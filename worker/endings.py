@@ -37,8 +37,10 @@ class RunEndings:
         *,
         checkpoint: dict[str, Any],
         before_commit: Callable[[], None] | None = None,
+        loaded: tuple[int, int] | None = None,
     ) -> None:
-        """Commit a checkpoint with its entries (and what was buffered before them) at once."""
+        """Commit a checkpoint with its entries (and what was buffered before them) at once;
+        ``loaded`` is the ``(rows, bytes)`` of the slice it records, for the pipeline's counters."""
         self._state_change(
             a.lease,
             emit,
@@ -48,6 +50,7 @@ class RunEndings:
                 checkpoint=checkpoint,
                 summary=a.telemetry.snapshot(),
                 before_commit=before_commit,
+                loaded=loaded,
             ),
         )
         a.checkpoint = checkpoint
@@ -61,6 +64,7 @@ class RunEndings:
         telemetry: Telemetry,
         error: str | None = None,
         before_commit: Publish | None = None,
+        interruption: str = "sigterm",
     ) -> None:
         """End the attempt with ``status`` and its entries, in one fenced transaction."""
         self._state_change(
@@ -73,6 +77,7 @@ class RunEndings:
                 error_summary=error,
                 summary=telemetry.snapshot(),
                 before_commit=before_commit,
+                interruption=interruption,
             ),
         )
 
@@ -169,6 +174,7 @@ class RunEndings:
                 checkpoint=position,
             ),
             telemetry=a.telemetry,
+            interruption=stop.reason.value.lower(),
         )
         return Outcome.INTERRUPTED
 

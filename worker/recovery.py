@@ -130,6 +130,8 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
             expected_epoch=run.lease_epoch,
             bump_attempt=True,
             attempt_reason=f"recovery of attempt {run.attempt} ({reason})",
+            recovery="expired_lease",
+            interruption="worker_lost",
         )
     elif decision.action is Action.FAST_RECOVER:
         entry = _entry(
@@ -140,7 +142,12 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
             checkpoint=run.checkpoint.get("position"),
         )
         won = store.transition(
-            run.id, Status.INTERRUPTED, Status.QUEUED, [entry], expected_epoch=run.lease_epoch
+            run.id,
+            Status.INTERRUPTED,
+            Status.QUEUED,
+            [entry],
+            expected_epoch=run.lease_epoch,
+            recovery="fast",
         )
     elif decision.action is Action.REPUBLISH:
         entry = _entry(
@@ -161,6 +168,9 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
             [entry],
             expected_epoch=run.lease_epoch,
             error_summary=reason,
+            recovery="give_up" if decision.action is Action.GIVE_UP else None,
+            # A running run here lost its worker (its lease expired).
+            interruption="worker_lost" if run.status is Status.RUNNING else None,
         )
         return won
     else:

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, update
 
 from worker.jsonfmt import dumps, loads
 from worker.models import TERMINAL_EVENTS, Event, Level, NewEntry
+from worker.store import metrics
 from worker.store.engine import utcnow
 from worker.store.tables import runs
 
@@ -207,7 +208,7 @@ class EntryWrites:
                     update(runs)
                     .where(runs.c.id == run_id)
                     .values(entry_count=runs.c.entry_count + count)
-                    .returning(runs.c.entry_count, runs.c.entries_dropped)
+                    .returning(runs.c.entry_count, runs.c.entries_dropped, runs.c.pipeline)
                 ).first()
             )
             if row is None:
@@ -226,6 +227,7 @@ class EntryWrites:
                     entries_dropped=runs.c.entries_dropped + dropped,
                 )
             )
+            metrics.count(conn, row.pipeline, metrics.DROPPED, "", dropped)
             if row.entries_dropped == 0:
                 notes.append(_truncation_entry(run_id, cap, dropped, final=False))
         kept: list[NewEntry] = []
@@ -240,11 +242,13 @@ class EntryWrites:
     def _insert_pg(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         columns = ", ".join(_ENTRY_COLUMNS)
         if len(rows) <= SMALL_BATCH:
-            # A slice's two entries: one multi-row INSERT beats COPY's extra messages.
+            # A slice's two entries: one multi-row INSERT beats COPY's extra messages. The
+            # transaction's counters ride on it (a checkpoint's rows): no round trip of their own.
             values = ", ".join(["(%s, %s, %s, %s, %s::jsonb, %s, %s, %s)"] * len(rows))
+            counters, params = metrics.pending_cte(conn)
             conn.exec_driver_sql(
-                f"INSERT INTO log_entries ({columns}) VALUES {values}",  # noqa: S608 - constant
-                tuple(value for row in rows for value in row),
+                f"{counters}INSERT INTO log_entries ({columns}) VALUES {values}",  # noqa: S608 - constant
+                params + tuple(value for row in rows for value in row),
             )
             return
         raw = conn.connection.driver_connection

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, update
+from sqlalchemy import Connection, delete, select, update
 
 from worker.errors import IllegalTransition
 from worker.models import TERMINAL, Lease, NewEntry, Status
+from worker.store import metrics
 from worker.store.engine import db_epoch, utcnow
 from worker.store.tables import log_entries, runs
 
@@ -63,6 +64,36 @@ def _run_values(change: ExternalChange, *, held: bool, ttl_seconds: float) -> di
     return values
 
 
+#: Summary counters added to the pipeline's when a runner's run ends (either spelling).
+_LOADED = {
+    metrics.ROWS: ("rows_loaded", "rowsLoaded"),
+    metrics.BYTES: ("bytes_loaded", "bytesLoaded"),
+}
+
+
+def _count_end(
+    conn: Connection, run_id: str, row: Any, change: ExternalChange, finished_at: Any
+) -> None:
+    """The pipeline's counters for a runner's end of tenure: an interruption, or the run's end
+    with the rows and bytes its final telemetry summary reports (a runner's slices are not
+    checkpointed here, so they are counted once, when the run ends)."""
+    assert change.status is not None
+    if change.status not in TERMINAL:
+        metrics.count(conn, row.pipeline, metrics.INTERRUPTIONS, "kind=external")
+        return
+    metrics.count_ended(conn, row.pipeline, change.status, row.started_at, finished_at)
+    summary = change.summary
+    if summary is None:
+        stored = select(runs.c.telemetry_summary).where(runs.c.id == run_id)
+        summary = conn.execute(stored).scalar_one_or_none() or {}
+    for name, keys in _LOADED.items():
+        for key in keys:
+            value = summary.get(key)
+            if type(value) is int and value > 0:
+                metrics.count(conn, row.pipeline, name, "", value)
+                break
+
+
 class ExternalWrites:
     """The PATCH contract's writes (mixed into ``Store``)."""
 
@@ -105,7 +136,9 @@ class ExternalWrites:
         values = _run_values(change, held=lease is not None, ttl_seconds=ttl_seconds)
         with self._transaction() as conn:
             if lease is not None:
-                self._fence(conn, lease, values)
+                row = self._fence(conn, lease, values)
+                if change.status is not None:
+                    _count_end(conn, run_id, row, change, values.get("finished_at"))
             else:
                 terminal = [status.value for status in TERMINAL]
                 ended = conn.execute(

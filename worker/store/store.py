@@ -45,9 +45,9 @@ from worker.models import (
     can_transition,
 )
 from worker.scrub import describe
-from worker.store import migrate
+from worker.store import metrics, migrate
 from worker.store.console import ConsoleQueries
-from worker.store.engine import db_epoch, make_engine, utcnow
+from worker.store.engine import aware, db_epoch, make_engine, utcnow
 from worker.store.entries import (
     _TOUCHED,
     ENTRY_ORDER_LOCK,
@@ -57,6 +57,7 @@ from worker.store.entries import (
 )
 from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
+from worker.store.metrics import MetricQueries
 from worker.store.pipelines import PipelineQueries, active_runs_clause
 from worker.store.reads import EntryReads
 from worker.store.sessions import SessionQueries
@@ -102,7 +103,13 @@ def _fence_update(names: tuple[str, ...], add_entries: bool, order_entries: bool
             runs.c.status == Status.RUNNING.value,
         )
         .values(values)
-        .returning(runs.c.cancel_requested, runs.c.entries_dropped, runs.c.entry_count)
+        .returning(
+            runs.c.cancel_requested,
+            runs.c.entries_dropped,
+            runs.c.entry_count,
+            runs.c.pipeline,
+            runs.c.started_at,
+        )
     )
     if order_entries:
         stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
@@ -120,6 +127,7 @@ class Store(
     WebhookQueries,
     ExternalWrites,
     PipelineQueries,
+    MetricQueries,
 ):
     """All of Quarry's database access: runs, leases, checkpoints, entries, telemetry."""
 
@@ -141,14 +149,19 @@ class Store(
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        """A write transaction; after it commits, ``on_entries`` hears which runs got entries."""
+        """A write transaction; after it commits, ``on_entries`` hears which runs got entries.
+
+        The counters it raised (:mod:`worker.store.metrics`) are written last, before the commit.
+        """
         touched: set[str] = set()
         with self.engine.begin() as conn:
             conn.info[_TOUCHED] = touched
             try:
                 yield conn
+                metrics.flush(conn, self.dialect)
             finally:
                 conn.info.pop(_TOUCHED, None)
+                metrics.discard(conn)
         if touched and self.on_entries is not None:
             try:
                 self.on_entries(touched)
@@ -321,7 +334,14 @@ class Store(
                 updated_at=now,
                 waiting_for=None,
             )
-            .returning(runs.c.lease_epoch, runs.c.attempt, runs.c.lease_expires_at)
+            .returning(
+                runs.c.lease_epoch,
+                runs.c.attempt,
+                runs.c.lease_expires_at,
+                runs.c.pipeline,
+                runs.c.created_at,
+                runs.c.started_at,
+            )
         )
         with self._transaction() as conn:
             pipeline: str | None = None
@@ -344,6 +364,8 @@ class Store(
                     return None
                 return self._waiting(conn, run_id, pipeline, max_active, on_wait)
             lease = Lease(run_id, owner, row.lease_epoch, row.attempt, row.lease_expires_at)
+            if aware(row.started_at) == now:  # its first lease: the run starts
+                metrics.count_started(conn, row.pipeline, row.created_at, now)
             self._insert_entries(conn, entries(lease))
         return lease
 
@@ -398,13 +420,23 @@ class Store(
         checkpoint: dict[str, Any] | None = None,
         summary: dict[str, Any] | None = None,
         before_commit: Callable[[], None] | None = None,
+        loaded: tuple[int, int] | None = None,
     ) -> None:
         """One fenced transaction: checkpoint, summary and entries land together or not at all.
 
         ``before_commit`` runs after the fence while the lock is held, so what it
-        does (publishing a slice file) cannot race a takeover.
+        does (publishing a slice file) cannot race a takeover. ``loaded`` is the
+        ``(rows, bytes)`` of the slice this checkpoint records, added to the
+        pipeline's counters in the same transaction: a slice is counted once, since a
+        resumed run never redoes a slice its checkpoint holds.
         """
         values: dict[str, Any] = {"updated_at": utcnow()}
+
+        def count(conn: Connection, row: Any) -> None:
+            if loaded is not None:
+                metrics.count(conn, row.pipeline, metrics.ROWS, "", loaded[0])
+                metrics.count(conn, row.pipeline, metrics.BYTES, "", loaded[1])
+
         self._fenced_write(
             lease,
             values,
@@ -412,6 +444,7 @@ class Store(
             checkpoint=checkpoint,
             summary=summary,
             before_commit=before_commit,
+            count_metrics=count if loaded is not None else None,
         )
 
     def finish(
@@ -424,11 +457,13 @@ class Store(
         checkpoint: dict[str, Any] | None = None,
         summary: dict[str, Any] | None = None,
         before_commit: Callable[[], None] | None = None,
+        interruption: str = "sigterm",
     ) -> None:
         """End the holder's tenure: set ``status``, release the lease, write the entries.
 
         ``before_commit`` runs inside the fenced transaction (a destination's replace
         swap): it happens if and only if this holder still owned the run.
+        ``interruption`` is the kind an ``interrupted`` end is counted as (the signal).
         """
         if not can_transition(Status.RUNNING, status) or status is Status.QUEUED:
             raise IllegalTransition(f"{Status.RUNNING} -> {status}")
@@ -443,6 +478,13 @@ class Store(
             values["finished_at"] = now
         if error_summary is not None:
             values["error_summary"] = error_summary
+
+        def count(conn: Connection, row: Any) -> None:
+            if status in TERMINAL:
+                metrics.count_ended(conn, row.pipeline, status, row.started_at, now)
+            else:
+                metrics.count(conn, row.pipeline, metrics.INTERRUPTIONS, f"kind={interruption}")
+
         self._fenced_write(
             lease,
             values,
@@ -451,6 +493,7 @@ class Store(
             summary=summary,
             final=True,
             before_commit=before_commit,
+            count_metrics=count,
         )
         if status in TERMINAL:
             self._ended(lease.run_id)
@@ -482,7 +525,17 @@ class Store(
             "attempt_reason": f"retry of attempt {lease.attempt}",
             "updated_at": utcnow(),
         }
-        self._fenced_write(lease, values, entries, checkpoint=None, summary=summary, final=True)
+        self._fenced_write(
+            lease,
+            values,
+            entries,
+            checkpoint=None,
+            summary=summary,
+            final=True,
+            count_metrics=lambda conn, row: metrics.count(
+                conn, row.pipeline, metrics.INTERRUPTIONS, "kind=retry"
+            ),
+        )
 
     def _fenced_write(
         self,
@@ -494,10 +547,12 @@ class Store(
         summary: dict[str, Any] | None,
         before_commit: Callable[[], None] | None = None,
         final: bool = False,
+        count_metrics: Callable[[Connection, Any], None] | None = None,
     ) -> None:
         """Fence, write the run row's ``values`` and the entries, then ``before_commit``.
 
         ``final`` (the holder's last write) adds the closing ``log_truncated`` count.
+        ``count_metrics`` raises the pipeline's counters, given the fenced row (its pipeline).
         """
         if checkpoint is not None:
             values["checkpoint"] = checkpoint
@@ -510,6 +565,8 @@ class Store(
         with self._transaction() as conn:
             # The cap's counter rides on the fence's UPDATE: a statement fewer a checkpoint.
             row = self._fence(conn, lease, values, order_entries=ordered, add_entries=counted)
+            if count_metrics is not None:
+                count_metrics(conn, row)
             if final and row.entries_dropped and self.max_entries_per_run is not None:
                 closing = _truncation_entry(
                     lease.run_id, self.max_entries_per_run, row.entries_dropped, final=True

@@ -191,6 +191,18 @@ pipeline_state = Table(
     Column("updated_at", Timestamp, nullable=False),
 )
 
+#: Durable counters per pipeline (migration 0009), raised in the transaction that makes the
+#: change they count: ``name`` is the counter, ``labels`` its other label values
+#: (``status=failed``, ``status=succeeded,le=300``), never a run id.
+pipeline_metrics = Table(
+    "pipeline_metrics",
+    metadata,
+    Column("pipeline", String(200), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("labels", String(200), primary_key=True),
+    Column("value", Float, nullable=False),
+)
+
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from worker.errors import IllegalTransition
 from worker.models import TERMINAL, NewEntry, Run, Status, can_transition
+from worker.store import metrics
 from worker.store.engine import db_epoch, utcnow
 from worker.store.tables import run_from_row, runs
 
@@ -42,11 +43,15 @@ class RunTransitions:
         error_summary: str | None = None,
         bump_attempt: bool = False,
         attempt_reason: str | None = None,
+        recovery: str | None = None,
+        interruption: str | None = None,
     ) -> bool:
         """Move a run ``expected`` → ``target`` unless someone moved it first.
 
         The epoch is bumped, so a holder that is still alive (a frozen process)
         finds its lease lost on its next write. Returns whether this call won.
+        An end is counted by status; ``recovery`` and ``interruption`` name the kind
+        this change is counted as, if it is one (:mod:`worker.store.metrics`).
         """
         if not can_transition(expected, target):
             raise IllegalTransition(f"{expected} -> {target}")
@@ -71,8 +76,20 @@ class RunTransitions:
         if expected_epoch is not None:
             conditions.append(runs.c.lease_epoch == expected_epoch)
         with self._transaction() as conn:
-            if conn.execute(update(runs).where(and_(*conditions)).values(**values)).rowcount != 1:
+            row = conn.execute(
+                update(runs)
+                .where(and_(*conditions))
+                .values(**values)
+                .returning(runs.c.pipeline, runs.c.started_at)
+            ).first()
+            if row is None:
                 return False
+            if target in TERMINAL:
+                metrics.count_ended(conn, row.pipeline, target, row.started_at, now)
+            if recovery is not None:
+                metrics.count(conn, row.pipeline, metrics.RECOVERIES, f"kind={recovery}")
+            if interruption is not None:
+                metrics.count(conn, row.pipeline, metrics.INTERRUPTIONS, f"kind={interruption}")
             self._insert_entries(conn, entries)
         if target in TERMINAL:
             self._ended(run_id)
@@ -120,9 +137,12 @@ class RunTransitions:
     def claim_republish(
         self, run_id: str, queued_at: datetime, entries: Sequence[NewEntry] = ()
     ) -> bool:
-        """Restart a queued run's clock before re-publishing it; False if another sweep did."""
+        """Restart a queued run's clock before re-publishing it; False if another sweep did.
+
+        Counted as a ``republish`` recovery.
+        """
         with self._transaction() as conn:
-            changed = conn.execute(
+            row = conn.execute(
                 update(runs)
                 .where(
                     runs.c.id == run_id,
@@ -130,8 +150,10 @@ class RunTransitions:
                     runs.c.queued_at == queued_at,
                 )
                 .values(queued_at=utcnow(), updated_at=utcnow())
-            ).rowcount
-            if changed != 1:
+                .returning(runs.c.pipeline)
+            ).first()
+            if row is None:
                 return False
+            metrics.count(conn, row.pipeline, metrics.RECOVERIES, "kind=republish")
             self._insert_entries(conn, entries)
         return True
