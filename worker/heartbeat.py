@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from worker import workermetrics
 from worker.errors import LeaseLost
 from worker.models import Event, Lease, Level, NewEntry, Status
 from worker.runlog import Logger
@@ -152,6 +153,7 @@ class Heartbeat:
             self.terminate(f"run {self.lease.run_id}: {reason}")
 
     def _renew(self) -> bool:
+        started = time.monotonic()
         try:
             cancel = self.store.renew(
                 self.lease, self.settings.lease_ttl_seconds, self.telemetry.snapshot()
@@ -165,6 +167,8 @@ class Heartbeat:
             if time.monotonic() - self._last_ok >= self.settings.lease_ttl_seconds:
                 self.lost.set()
             return False
+        finally:
+            workermetrics.renewed(started)
         self._last_ok = time.monotonic()
         self.renewals += 1
         if cancel:

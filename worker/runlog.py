@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeAlias, cast
@@ -26,7 +27,7 @@ from typing import Any, TextIO, TypeAlias, cast
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from worker import jsonfmt
+from worker import jsonfmt, workermetrics
 from worker.models import Level, NewEntry
 from worker.scrub import scrubber
 
@@ -121,11 +122,14 @@ class EntryWriter:
             batch = self.take()
             if not batch:
                 return
+            started = time.monotonic()
             try:
                 refused = self._append(batch)
             except Exception:
                 self.requeue(batch)
                 raise
+            finally:
+                workermetrics.flushed(started)
         if refused and self._on_refused is not None:
             self._on_refused(refused)
 
@@ -152,6 +156,7 @@ class EntryWriter:
         while not self._stopping:
             self._wake.wait(self._interval * (1 + min(self.failures, 50)))
             self._wake.clear()
+            workermetrics.log_buffer(self.pending())
             try:
                 self.flush()
                 self.failures = 0

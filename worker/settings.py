@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     #: How often beat schedules retention.
     retention_interval_seconds: float = Field(default=3600.0, gt=0)
+    #: The worker's own metrics are served on this port (0: not served). Each worker on a
+    #: host needs its own (see docs/metrics.md).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     #: stdout rendering of log events.
     log_format: Literal["console", "json"] = "console"
     #: Lowest level rendered and stored.

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals as celery_signals
 
-from worker import signals, webhooks
+from worker import signals, webhooks, workermetrics
 from worker.attempt import Outcome
 from worker.celery_app import EXECUTE_RUN, WEBHOOK, app
 from worker.errors import QuarryError, first_line
@@ -102,6 +102,13 @@ def _on_worker_init(**_kwargs: Any) -> None:
         message = f"quarry worker: cannot use the store at {scrub(get_settings().store_url)}: "
         sys.stderr.write(message + scrub(first_line(exc)) + "\n")
         raise SystemExit(1) from None
+    # Before the pool forks: its processes write to the directory this serves.
+    port = get_settings().worker_metrics_port
+    try:
+        workermetrics.start(get_settings())
+    except OSError as exc:
+        sys.stderr.write(f"quarry worker: cannot serve metrics on port {port}: {exc}\n")
+        raise SystemExit(1) from None
 
 
 @celery_signals.worker_shutting_down.connect
@@ -115,9 +122,13 @@ def _on_shutting_down(how: str = "Warm", **_kwargs: Any) -> None:
 
 @celery_signals.worker_process_init.connect
 def _on_process_init(**_kwargs: Any) -> None:
+    workermetrics.process_init()
     get_runtime()
 
 
 @celery_signals.worker_process_shutdown.connect
 def _on_process_shutdown(**_kwargs: Any) -> None:
-    close_runtime()
+    try:
+        close_runtime()
+    finally:
+        workermetrics.process_shutdown()
