@@ -132,12 +132,13 @@ def test_flat_view_filters_and_pages(api: Api) -> None:  # noqa: F811
 
 
 def test_metrics_are_prometheus_text(api: Api) -> None:  # noqa: F811
-    """/metrics: runs by status, recoveries, entries written, stream clients."""
+    """/metrics: runs by status, per-pipeline counters, stream clients (every series is
+    checked in tests/api/test_metrics.py)."""
     api.store.create_run("demo")
     text = api.client.get("/metrics").text
-    assert 'quarry_runs{status="queued"} 1' in text
-    assert "quarry_run_recoveries_total 0" in text
-    assert "quarry_stream_clients 0" in text
+    assert 'quarry_runs{status="queued"} 1.0' in text
+    assert 'quarry_run_recoveries_total{kind="expired_lease",pipeline="demo"} 0.0' in text
+    assert "quarry_stream_clients 0.0" in text
     assert "# TYPE quarry_log_entries_total counter" in text
 
 

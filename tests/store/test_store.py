@@ -359,22 +359,6 @@ def test_retention_deletes_only_old_rows_in_batches(store: Store) -> None:
     assert [v for _, v in store.samples(run.id)] == [{"i": "new"}]
 
 
-def test_stats_count_runs_and_recoveries(store: Store) -> None:
-    """Stats: runs by status, recoveries (attempt bumps), the newest entry id."""
-    run = store.create_run("demo")
-    store.create_run("demo")
-    lease = store.acquire(run.id, "w", 30)
-    assert lease is not None
-    store.transition(
-        run.id, Status.RUNNING, Status.QUEUED, expected_epoch=lease.epoch, bump_attempt=True
-    )
-    store.append_entries([entry(run.id)])
-    stats = store.stats()
-    assert stats["runs"] == {"queued": 2}
-    assert stats["recoveries"] == 1
-    assert stats["max_entry_id"] == store.entries(run.id)[-1].id
-
-
 def test_nul_characters_are_stored_escaped_not_refused(store: Store) -> None:
     """NUL in a message, event or data (binary garbage from a source) is stored as ``\\x00``."""
     run = store.create_run("demo")

@@ -1,4 +1,4 @@
-"""Telemetry samples, retention and metrics counts: the maintenance half of the store interface."""
+"""Telemetry samples and retention: the maintenance half of the store interface."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 
 from worker.store.engine import aware
-from worker.store.tables import log_entries, runs, telemetry_samples
+from worker.store.tables import log_entries, telemetry_samples
 
 
 class MaintenanceQueries:
-    """Samples, retention and stats (mixed into ``Store``)."""
+    """Samples and retention (mixed into ``Store``)."""
 
     _reader: Engine
 
@@ -76,26 +76,6 @@ class MaintenanceQueries:
                 if count < batch:
                     break
         return deleted
-
-    def stats(self) -> dict[str, Any]:
-        """Cheap counts for metrics: runs by status, recoveries, the newest entry id."""
-        with self._reader.connect() as conn:
-            by_status = {
-                status: int(count)
-                for status, count in conn.execute(
-                    select(runs.c.status, func.count()).group_by(runs.c.status)
-                ).all()
-            }
-            # Every recovery of an expired lease bumps the attempt: this counts them.
-            recoveries = conn.execute(
-                select(func.coalesce(func.sum(runs.c.attempt - 1), 0))
-            ).scalar()
-            newest = conn.execute(select(func.max(log_entries.c.id))).scalar()
-        return {
-            "runs": by_status,
-            "recoveries": int(recoveries or 0),
-            "max_entry_id": int(newest or 0),
-        }
 
     def replace_samples(
         self, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]
