@@ -1,10 +1,13 @@
-"""The deploy files parse, name commands that exist, and keep the shutdown timings consistent."""
+"""The deploy files parse, name commands that exist, and keep the shutdown timings consistent;
+the Prometheus rules and the Grafana dashboard check and name only series Quarry exports."""
 
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -13,9 +16,16 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import require
+from worker import workermetrics
+from worker.api.metrics import StoreCollector
+from worker.models import Lease, Status
 from worker.pipelines import Pipeline
 from worker.settings import Settings
+from worker.store import Store
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BIN = Path(sys.executable).parent
@@ -88,9 +98,17 @@ def test_every_quarry_variable_is_a_setting() -> None:
     """No deploy file sets a QUARRY_ variable that Settings does not read."""
     names: set[str] = set()
     names |= set(compose()["x-quarry"]["environment"])
+    for service in compose()["services"].values():
+        names |= {k for k in service.get("environment", {}) if k.startswith("QUARRY_")}
     for doc in k8s():
         if doc["kind"] == "ConfigMap":
             names |= {k for k in doc["data"] if k.startswith("QUARRY_")}
+        for container in (
+            doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        ):
+            names |= {
+                e["name"] for e in container.get("env", []) if e["name"].startswith("QUARRY_")
+            }
     for line in (DEPLOY / "systemd" / "quarry.env.example").read_text().splitlines():
         if line and not line.startswith("#"):
             names.add(line.split("=", 1)[0])
@@ -142,3 +160,97 @@ def test_readme_states_the_deadline_relation() -> None:
         "QUARRY_SHUTDOWN_GRACE_SECONDS",
     ):
         assert needle in readme
+
+
+# -- Prometheus and Grafana ---------------------------------------------------------------
+
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "quarry.json"
+#: Grafana's variables, as a query sees them once substituted.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$pipeline": ".*"}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run promtool in deploy/prometheus (skipped locally without it, required in CI)."""
+    found = shutil.which("promtool")
+    if found is None:
+        require("promtool", FileNotFoundError("promtool is not on PATH (Debian: prometheus)"))
+    assert found is not None
+    return subprocess.run(
+        [found, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard: panel targets and variable queries."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            query = re.fullmatch(r"label_values\((\w+), *\w+\)", variable["definition"])
+            assert query, variable["definition"]
+            exprs.append(query.group(1))
+    return exprs
+
+
+def rule_exprs() -> list[str]:
+    """Every expression of the example alert and recording rules."""
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def exported_series(tmp_path: Path) -> set[str]:
+    """Every sample name Quarry exports: the API's /metrics over a store that has seen a run
+    (so its histograms have buckets) and a worker's own series."""
+    store = Store(f"sqlite:///{tmp_path / 'quarry.db'}")
+    store.upgrade()
+    run = store.create_run("demo")
+    lease = store.acquire(run.id, "w", 30)
+    assert isinstance(lease, Lease)
+    store.finish(lease, Status.SUCCEEDED)
+    registry = CollectorRegistry(auto_describe=False)
+    settings = Settings(data_dir=tmp_path, pipelines_file=DEPLOY.parent / "pipelines.toml")
+    registry.register(StoreCollector(store, settings))
+    for series in vars(workermetrics._Metrics()).values():
+        registry.register(series)
+    text = generate_latest(registry).decode()
+    store.close()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_dashboard_and_rules_name_only_exported_series(tmp_path: Path) -> None:
+    """The dashboard parses, and every quarry_ series its panels and the alert rules name is
+    one Quarry exports (a renamed series breaks this test, not a graph at 3 a.m.)."""
+    exported = exported_series(tmp_path)
+    assert {"quarry_runs_ended_total", "quarry_worker_runs_in_progress"} <= exported
+    named = {
+        name
+        for expr in dashboard_exprs() + rule_exprs()
+        for name in re.findall(r"\bquarry_[a-z_]+", expr)
+    }
+    assert named
+    assert named <= exported, named - exported
+    board = json.loads(DASHBOARD.read_text())
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+
+
+def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
+    """promtool: the scrape config and the rules check, the alerts' unit tests pass, and every
+    dashboard query parses as PromQL (as a recording rule of a scratch file)."""
+    for args in (
+        ("check", "config", "prometheus.yml"),
+        ("check", "rules", "alerts.yml"),
+        ("test", "rules", "alerts_test.yml"),
+    ):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+    queries = []
+    for i, expr in enumerate(dashboard_exprs()):
+        query = expr
+        for variable, value in GRAFANA_VARIABLES.items():
+            query = query.replace(variable, value)
+        queries.append({"record": f"quarry:dashboard_query_{i}", "expr": query})
+    scratch = tmp_path / "dashboard_rules.yml"
+    scratch.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": queries}]}))
+    result = promtool("check", "rules", str(scratch))
+    assert result.returncode == 0, result.stdout + result.stderr
