@@ -106,6 +106,16 @@ def get_run(run_id: str, db: StoreDep, token: TokenDep, _q: NoQueryDep) -> Respo
     return json_body(visible_run(db, token, run_id).as_dict())
 
 
+@router.get("/api/v1/action-runs/{run_id}/telemetry", responses=documented(401, 404))
+def get_telemetry(run_id: str, db: StoreDep, token: TokenDep, _q: NoQueryDep) -> Response:
+    """The run's telemetry: its ``summary`` and its ``samples`` (each ``at`` with the values
+    recorded then: ``rows_loaded``, ``bytes_loaded``, ``files_written``, ``progress``),
+    oldest first, at most ``QUARRY_TELEMETRY_MAX_SAMPLES``."""
+    run = visible_run(db, token, run_id)
+    samples = [{**values, "at": at.isoformat()} for at, values in db.samples(run_id)]
+    return json_body({"summary": run.telemetry_summary, "samples": samples})
+
+
 @router.post("/api/v1/action-runs/{run_id}/cancel", responses=documented(401, 403, 404, 409))
 def cancel(
     run_id: str, db: StoreDep, token: OperatorDep, q: Annotated[CancelQuery, Query()]
