@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     telemetry_sample_seconds: float = Field(default=5.0, gt=0)
     #: Samples kept per run; past it the series is thinned so it still spans the run.
     telemetry_max_samples: int = Field(default=2000, ge=10)
+    #: How long a console sign-in lasts before the form asks for the token again.
+    console_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     #: The store writer flushes buffered entries at least this often.
     log_flush_ms: int = Field(default=200, ge=1)
     #: The store writer flushes as soon as this many entries are buffered.

@@ -15,12 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from worker import console
 from worker.api import health, logs, metrics, pipelines, runs, stream
 from worker.api.guard import Guard
 from worker.api.responses import error, unavailable
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _handle_errors(app)
     for module in (health, runs, pipelines, logs, metrics):
         app.include_router(module.router)
+    console.mount(app)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the JsonValue component that bounded JSON fields name."""
@@ -85,8 +87,10 @@ def _handle_errors(app: FastAPI) -> None:
     """Every error as JSON: refused requests, bad input, store outages, bugs."""
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = error(exc.status_code, str(exc.detail), exc.headers)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if console.wants_page(request) and exc.status_code != 405:
+            return console.error_page(request, exc.status_code, str(exc.detail))
+        response: Response = error(exc.status_code, str(exc.detail), exc.headers)
         if exc.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         if exc.status_code == 405:
