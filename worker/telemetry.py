@@ -35,7 +35,8 @@ class Telemetry:
             "rows_loaded": int(start.get("rows_loaded", 0)),
             "bytes_loaded": int(start.get("bytes_loaded", 0)),
             "files_written": int(start.get("files_written", 0)),
-            "progress": 0.0,
+            # A resumed attempt starts where the last one stood, not back at 0.
+            "progress": progress(start),
             "current_phase": Phase.STARTING,
             "current_resource": None,
         }
