@@ -113,6 +113,7 @@
 
   LogView.prototype.endSession = function () {
     this.ended = true;
+    this.sessionEnded = true;
     if (this.es) { this.es.close(); this.es = null; }
     this.say("session ended: sign in again to follow this run");
     document.body.dataset.session = "ended";
@@ -144,6 +145,8 @@
         self.buffer = [];
         self.take(held);
         self.box.scrollTop = self.box.scrollHeight;
+        var header = document.getElementById("run-header");
+        if (header && header.dataset.terminal === "true") self.ended = true; // nothing follows
         if (!self.es && !self.ended) self.stream(after);
         self.status();
       });
@@ -151,7 +154,7 @@
   };
 
   LogView.prototype.status = function () {
-    if (this.ended) return;
+    if (this.sessionEnded) return;
     var n = this.box.childElementCount;
     if (this.mode === "detached") {
       this.say(n + " lines shown" + (this.pendingNew ? ", " + this.pendingNew + " new below: Follow latest" : ""));
