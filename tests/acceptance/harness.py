@@ -62,10 +62,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_api(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``quarry serve`` on a free port with ``env``; returns it and its base URL once up."""
-    port = free_port()
-    log = log_path.open("wb")
+def serve_api(
+    env: dict[str, str], log_path: Path, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``quarry serve`` on ``port`` (a free one by default) with ``env``; returns it and
+    its base URL once up."""
+    port = port or free_port()
+    log = log_path.open("ab")
     proc = subprocess.Popen(
         [str(QUARRY), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
     )
