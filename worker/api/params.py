@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 from worker.models import Event, Status
 
@@ -117,18 +117,13 @@ class RunLogQuery(_Query):
         description=(
             "Read backwards: the newest entries with a smaller id, still oldest first; "
             "`cursor` is then the page's oldest id while older entries remain (the next "
-            "`before`). `before=999999999999999999` reads a run's tail."
+            "`before`). `before=999999999999999999` reads a run's tail; with `cursor` "
+            "as well, the newest entries between the two."
         ),
     )
     limit: int = Field(
         default=MAX_PAGE, ge=1, le=MAX_PAGE, validation_alias=AliasChoices("limit", "count")
     )
-
-    @model_validator(mode="after")
-    def _one_direction(self) -> RunLogQuery:
-        if self.cursor is not None and self.before is not None:
-            raise ValueError("give cursor (forwards) or before (backwards), not both")
-        return self
 
 
 class StreamQuery(_Query):
