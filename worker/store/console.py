@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from sqlalchemy import Engine, and_, case, func, or_, select
 
-from worker.models import Entry, Event, Level, Status
-from worker.store.engine import aware
+from worker.models import Entry, Event, Status
+from worker.store.reads import EntryFilters
 from worker.store.tables import log_entries, runs, telemetry_samples
 
 #: The events that start or end an attempt, in the order a run's history tells them.
@@ -52,6 +52,12 @@ class ConsoleQueries:
     """The console's reads (mixed into ``Store``)."""
 
     _reader: Engine
+
+    if TYPE_CHECKING:
+
+        def entries(
+            self, run_id: str | None = None, **filters: Unpack[EntryFilters]
+        ) -> list[Entry]: ...
 
     def dashboard(self, *, gateway: str | None = None, now: datetime | None = None) -> Dashboard:
         """The dashboard strip's counts, limited to ``gateway``'s runs when given."""
@@ -121,27 +127,5 @@ class ConsoleQueries:
 
     def attempt_history(self, run_id: str, limit: int = 500) -> list[Entry]:
         """The entries that start and end a run's attempts, oldest first."""
-        query = (
-            select(log_entries)
-            .where(
-                log_entries.c.run_id == run_id,
-                log_entries.c.event.in_([event.value for event in ATTEMPT_EVENTS]),
-            )
-            .order_by(log_entries.c.id)
-            .limit(limit)
-        )
-        with self._reader.connect() as conn:
-            return [
-                Entry(
-                    id=row.id,
-                    run_id=row.run_id,
-                    level=Level(row.level),
-                    event=row.event,
-                    message=row.message,
-                    data=row.data or {},
-                    worker_id=row.worker_id,
-                    attempt=row.attempt,
-                    occurred_at=aware(row.occurred_at) or datetime.now(UTC),
-                )
-                for row in conn.execute(query)
-            ]
+        events = tuple(event.value for event in ATTEMPT_EVENTS)
+        return self.entries(run_id, events=events, limit=limit)
