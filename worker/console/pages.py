@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from worker import control
-from worker.api.auth import SESSION_COOKIE
+from worker.api.auth import SESSION_COOKIE, visible_run
 from worker.api.params import NO_NUL, RUN_CURSOR
 from worker.api.runs import operator_errors, token_label
 from worker.console import session as auth
@@ -267,18 +267,8 @@ def strip(request: Request, viewer: ViewerDep) -> HTMLResponse:
     return render(request, "_strip.html", strip=_STRIPS.get(_store(request), viewer.gateway))
 
 
-def _visible(store: Store, viewer: Viewer, run_id: str) -> Run:
-    try:
-        run = store.get_run(run_id)
-    except RunNotFound:
-        raise HTTPException(404, f"no run {run_id}") from None
-    if viewer.gateway is not None and run.gateway != viewer.gateway:
-        raise HTTPException(404, f"no run {run_id}")
-    return run
-
-
 def _run_context(store: Store, viewer: Viewer, run_id: str) -> dict[str, Any]:
-    run = _visible(store, viewer, run_id)
+    run = visible_run(store, viewer.token, run_id)
     return {
         "viewer": viewer,
         "run": run,
@@ -316,7 +306,7 @@ def cancel(
     if not viewer.can_operate:
         raise HTTPException(403, "cancelling needs an operator token")
     store = _store(request)
-    _visible(store, viewer, run_id)
+    visible_run(store, viewer.token, run_id)
     try:
         control.cancel(store, run_id, by=token_label(viewer.token))
     except IllegalTransition as exc:
