@@ -136,9 +136,7 @@ def test_sigkill_recovers_through_the_watchdog(cluster: Cluster, target: str) ->
     entries = assert_exactly_once(cluster, run_id)
     # One recovery of the expired lease. A loaded machine may also see a re-publish of the
     # queued run (same event, no next_attempt): harmless, and not what this test is about.
-    recoveries = [
-        e for e in entries if e.event == "watchdog_recovery" and "next_attempt" in e.data
-    ]
+    recoveries = [e for e in entries if e.event == "watchdog_recovery" and "next_attempt" in e.data]
     assert len(recoveries) == 1
     assert recoveries[0].data["next_attempt"] == 2
     assert cluster.store.get_run(run_id).attempt == 2

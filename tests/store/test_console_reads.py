@@ -29,7 +29,9 @@ def test_the_dashboard_counts_the_last_day_and_hour(store: Store) -> None:
     done = store.create_run("alpha").id
     store.acquire(done, "w1", 30)
     lease = store.get_run(done)
-    assert store.transition(done, Status.RUNNING, Status.SUCCEEDED, expected_epoch=lease.lease_epoch)
+    assert store.transition(
+        done, Status.RUNNING, Status.SUCCEEDED, expected_epoch=lease.lease_epoch
+    )
     failed = store.create_run("beta", gateway="edge").id
     store.acquire(failed, "w2", 30)
     epoch = store.get_run(failed).lease_epoch
