@@ -33,9 +33,17 @@ test: lint
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/store -q
 
-## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=api: the API part alone)
+## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=api: the API part alone;
+## BENCH_ARGS=console: the web console in headless Chromium alone, BENCH_CONSOLE_ARGS=--quick for a short try)
 bench: $(STAMP)
+ifeq ($(BENCH_ARGS),console)
+	$(BIN)/python -m bench.console $(BENCH_CONSOLE_ARGS)
+else
 	$(BIN)/python -m bench $(BENCH_ARGS)
+ifeq ($(BENCH_ARGS)$(BENCH_SKIP_CONSOLE),)
+	$(BIN)/python -m bench.console $(BENCH_CONSOLE_ARGS)
+endif
+endif
 
 ## chaos: 20 runs x 50 slices across three workers under random signals and Redis restarts
 chaos: $(STAMP)
