@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any
 
 from sqlalchemy import Engine, and_, case, func, or_, select
 
 from worker.models import Entry, Event, Status
-from worker.store.reads import EntryFilters
+from worker.store.reads import ENTRY_COLUMNS, entry_from_tuple
 from worker.store.tables import log_entries, runs, telemetry_samples
 
 #: The events that start or end an attempt, in the order a run's history tells them.
@@ -52,12 +52,6 @@ class ConsoleQueries:
     """The console's reads (mixed into ``Store``)."""
 
     _reader: Engine
-
-    if TYPE_CHECKING:
-
-        def entries(
-            self, run_id: str | None = None, **filters: Unpack[EntryFilters]
-        ) -> list[Entry]: ...
 
     def dashboard(self, *, gateway: str | None = None, now: datetime | None = None) -> Dashboard:
         """The dashboard strip's counts, limited to ``gateway``'s runs when given."""
@@ -126,6 +120,19 @@ class ConsoleQueries:
         )
 
     def attempt_history(self, run_id: str, limit: int = 500) -> list[Entry]:
-        """The entries that start and end a run's attempts, oldest first."""
-        events = tuple(event.value for event in ATTEMPT_EVENTS)
-        return self.entries(run_id, events=events, limit=limit)
+        """The entries that start and end a run's attempts, oldest first.
+
+        Read through the (run_id, event, id) index and put in order here: asked to
+        order by id, SQLite walks the whole run instead through (run_id, id), already
+        in that order; a 200,000-entry run's few lifecycle entries cost 100 ms so.
+        """
+        query = (
+            select(*(log_entries.c[name] for name in ENTRY_COLUMNS))
+            .where(
+                log_entries.c.run_id == run_id,
+                log_entries.c.event.in_([event.value for event in ATTEMPT_EVENTS]),
+            )
+        )
+        with self._reader.connect() as conn:
+            found = [entry_from_tuple(tuple(row)) for row in conn.execute(query)]
+        return sorted(found, key=lambda entry: entry.id)[:limit]

@@ -29,6 +29,9 @@ from worker.store.engine import aware, driver_cursor, fetch_one, utcnow
 from worker.store.tables import LEVEL_FILTERS, log_entries
 
 #: Columns of an entry row, in the order the builders below unpack them.
+ENTRY_COLUMNS = (
+    "id", "run_id", "level", "event", "message", "data", "worker_id", "attempt", "occurred_at",
+)  # fmt: skip
 _ENTRY_SELECT = "id, run_id, level, event, message, {data}, worker_id, attempt, {occurred_at}"
 _LEVEL_OF = {level.value: level for level in Level}  # Level(text) costs an enum lookup a row
 #: Session time zones in which a ``timestamptz`` reads back with a zero offset.
@@ -83,7 +86,7 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
+def entry_from_tuple(row: tuple[Any, ...]) -> Entry:
     """An entry from a driver row (``_ENTRY_SELECT`` order), as SQLAlchemy would have typed it."""
     entry_id, run_id, level, event, message, data, worker_id, attempt, occurred_at = row
     if type(occurred_at) is str:  # SQLite: SQLAlchemy's DateTime reads with fromisoformat
@@ -102,7 +105,7 @@ def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
 
 
 def _dict_from_tuple(row: tuple[Any, ...]) -> dict[str, Any]:
-    """``_entry_from_tuple(row).as_dict()`` without the Entry; a naive occurred_at is UTC."""
+    """``entry_from_tuple(row).as_dict()`` without the Entry; a naive occurred_at is UTC."""
     entry_id, run_id, level, event, message, data, worker_id, attempt, occurred_at = row
     if level not in _LEVEL_OF:
         Level(level)  # raises, as Entry's would
@@ -289,7 +292,7 @@ class EntryReads:
         """
         with self._reader.connect() as conn:
             query = _EntryQuery(run_id, **filters)
-            return self._read_entries(conn, query, _entry_from_tuple, utc_text=False)
+            return self._read_entries(conn, query, entry_from_tuple, utc_text=False)
 
     def entry_dicts(
         self, run_id: str | None = None, **filters: Unpack[EntryFilters]

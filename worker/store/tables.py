@@ -100,6 +100,8 @@ runs = Table(
     Index("ix_runs_pipeline_created_at", "pipeline", "created_at"),
     # A gateway's queue in claim order (migration 0006).
     Index("ix_runs_gateway_status_created_at", "gateway", "status", "created_at", "id"),
+    # The runs list's newest-first pages (migration 0010).
+    Index("ix_runs_created_at_id", "created_at", "id"),
 )
 
 log_entries = Table(
@@ -119,6 +121,8 @@ log_entries = Table(
     # The flat view's filters, in page order (migration 0006).
     Index("ix_log_entries_event_id", "event", "id"),
     Index("ix_log_entries_worker_id_id", "worker_id", "id"),
+    # A run's lifecycle entries (its attempt history) without walking the run (migration 0010).
+    Index("ix_log_entries_run_id_event_id", "run_id", "event", "id"),
     # Severity pages (migration 0005): the predicates are the store's page filters, verbatim.
     *(
         Index(
