@@ -147,8 +147,6 @@ class _EntryQuery:
     before_id: int | None = None
     min_level: Level | None = None
     event: str | None = None
-    #: Any of these events (a tuple, so the query stays hashable).
-    events: tuple[str, ...] | None = None
     worker_id: str | None = None
     pipeline: str | None = None
     since: datetime | None = None
@@ -214,9 +212,6 @@ class _EntryQuery:
         if self.event is not None:
             where.append(f"event = {mark}")
             params.append(self.event)
-        if self.events is not None:
-            where.append(f"event IN ({', '.join([mark] * len(self.events))})")
-            params += self.events
         if self.worker_id is not None:
             where.append(f"worker_id = {mark}")
             params.append(self.worker_id)
@@ -254,8 +249,6 @@ class EntryFilters(TypedDict, total=False):
     #: This level and above (``warning``: warnings and errors).
     min_level: Level | None
     event: str | None
-    #: Any of these events.
-    events: tuple[str, ...] | None
     worker_id: str | None
     #: Entries of this pipeline's runs.
     pipeline: str | None
