@@ -142,15 +142,15 @@ class _EntryQuery:
     run_id: str | None
     after_id: int = 0
     limit: int = 1000
-    #: Read backwards: the newest entries below this id (the query returns them newest
-    #: first; :meth:`EntryReads._page_json` turns the page around).
-    before_id: int | None = None
     min_level: Level | None = None
     event: str | None = None
     worker_id: str | None = None
     pipeline: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    #: Read backwards: the newest entries below this id (the query returns them newest
+    #: first; :meth:`EntryReads._page_json` turns the page around).
+    before_id: int | None = None
 
     def postgresql(self, *, utc: bool) -> tuple[str, tuple[Any, ...]]:
         """SQL and parameters for psycopg; ``utc``: occurred_at as naive UTC wall time."""
