@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from worker.store import Store
+from worker.store.tables import metadata
 
 # No per-example deadline: hypothesis's default (200 ms) is a timed assertion, and it
 # failed a pure function on a loaded 2-core machine.
@@ -101,14 +102,16 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def truncate(url: str) -> None:
-    """Empty every Quarry table of a PostgreSQL test database."""
+    """Empty every Quarry table of a test store (PostgreSQL or SQLite), ids restarted."""
     engine = create_engine(url)
+    tables = [t.name for t in metadata.sorted_tables]
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE runs, log_entries, telemetry_samples, api_tokens, webhook_deliveries, pipeline_state, pipeline_metrics RESTART IDENTITY CASCADE"
-            )
-        )
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for name in reversed(tables):  # children before their parents
+                conn.execute(text(f"DELETE FROM {name}"))
+            conn.execute(text("DELETE FROM sqlite_sequence"))
     engine.dispose()
 
 

@@ -47,14 +47,18 @@ class Api:
         return {"Authorization": f"Bearer {secret}"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
-    """``quarry serve`` on a free port over each store."""
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+    """``quarry serve`` on a free port over each store, shared by a module's tests (starting
+    one per test cost most of the API tier's time); returns the store URL, base URL, process."""
+    tmp_path = tmp_path_factory.mktemp("api")
     if request.param == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
+        url = f"sqlite:///{tmp_path / 'quarry.db'}"
+        Store(url).upgrade()
     else:
         url = request.getfixturevalue("pg_url")
-        truncate(url)
     env = {
         **os.environ,
         "QUARRY_DATABASE_URL": url,
@@ -62,10 +66,18 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
         "QUARRY_PIPELINES_FILE": str(Path(__file__).resolve().parents[2] / "pipelines.toml"),
     }
     process, base = serve_api(env, tmp_path / "api.log")
-    store = Store(url)
-    yield Api(base, store, process)
+    yield url, base, process
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture
+def api(api_server: tuple[str, str, subprocess.Popen[bytes]]) -> Iterator[Api]:
+    """The module's server over an emptied store: each test starts from nothing."""
+    url, base, process = api_server
+    truncate(url)
+    store = Store(url)
+    yield Api(base, store, process)
     store.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from worker.models import Status
 
 SCOPES = ["none", "operator", "read", "gateway-own", "gateway-other", "revoked"]

@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.acceptance.harness import serve_api
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from tests.conftest import PG_ADMIN_URL
 from worker.models import Level, NewEntry, Status
 from worker.store import Store

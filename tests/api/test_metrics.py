@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from tests.store.test_store import entry
 from worker import recovery, testing
 from worker.models import Lease, Status

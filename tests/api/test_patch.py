@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from worker.models import Status
 
 

@@ -3,7 +3,7 @@ forced cancel; bad input is a 4xx naming the field, and creates nothing."""
 
 from __future__ import annotations
 
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from worker.models import Status
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.api.test_api import Api, api  # noqa: F401 - the server fixture
+from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 
 ST = Path(sys.executable).parent / "st"
 
