@@ -7,6 +7,7 @@
   var PAGE = 500; // entries per page read
   var TAIL = "999999999999999999"; // `before` this id: a run's newest entries
   var NEAR = 400; // pixels from an edge that count as "at" it
+  var FLUSH_MS = 100; // how long stream entries wait to be drawn together
   var TERMINAL = { run_completed: 1, run_failed: 1, run_cancelled: 1, watchdog_cancelled: 1 };
   var RANK = { debug: 0, info: 1, warning: 2, error: 3 };
   // Controls, C1 controls, line and paragraph separators, bidi overrides: shown as escapes.
@@ -172,13 +173,15 @@
     this.box.appendChild(frag);
   };
 
-  LogView.prototype.trimTop = function () {
+  // Drop the oldest lines past the cap; `pinned`: the view is about to jump to the bottom,
+  // so the reader's position needs no keeping (and no layout is read for it).
+  LogView.prototype.trimTop = function (pinned) {
     var extra = this.box.childElementCount - MAX_LINES;
     if (extra <= 0) return;
-    var before = this.box.scrollHeight;
+    var before = pinned ? 0 : this.box.scrollHeight;
     for (var i = 0; i < extra; i++) this.box.removeChild(this.box.firstElementChild);
     this.oldest = this.box.firstElementChild.dataset.id; // older entries than it exist
-    this.box.scrollTop -= before - this.box.scrollHeight;
+    if (!pinned) this.box.scrollTop -= before - this.box.scrollHeight;
   };
 
   LogView.prototype.trimBottom = function () {
@@ -199,10 +202,12 @@
       if (this.matches(e)) fresh.push(e);
     }
     if (!fresh.length) return;
+    // One layout read before the change and one write after it: reading sizes between
+    // DOM changes forces a layout each time (several a frame at 1,000 lines/s).
     var stick = this.box.scrollHeight - this.box.scrollTop - this.box.clientHeight < NEAR;
     this.append(fresh);
-    if (stick) { this.trimTop(); this.box.scrollTop = this.box.scrollHeight; }
-    else if (this.box.childElementCount > MAX_LINES * 1.5) this.trimTop();
+    if (stick) { this.trimTop(true); this.box.scrollTop = 1e9; } // clamped to the bottom
+    else if (this.box.childElementCount > MAX_LINES * 1.5) this.trimTop(false);
   };
 
   LogView.prototype.onEntry = function (e) {
@@ -218,13 +223,14 @@
     this.queue.push(e);
     var self = this;
     if (!this.frame) {
-      this.frame = requestAnimationFrame(function () {
+      // Lines land in batches every FLUSH_MS: one layout per batch, not one per frame.
+      this.frame = setTimeout(function () {
         self.frame = 0;
         var batch = self.queue;
         self.queue = [];
         if (self.mode === "live") self.take(batch); else Array.prototype.push.apply(self.buffer, batch);
         self.status();
-      });
+      }, FLUSH_MS);
     }
   };
 
@@ -287,7 +293,7 @@
     this.busy = true;
     getJSON(this.query({ cursor: this.bottom, limit: PAGE })).then(function (page) {
       self.append(page.entries);
-      self.trimTop();
+      self.trimTop(false);
       if (page.cursor) { self.bottom = page.cursor; self.status(); }
       else { self.bottom = null; self.reload(); } // caught up: follow live again
     }).catch(function (err) { self.fail(err); }).finally(function () { self.busy = false; });
