@@ -126,12 +126,9 @@ class ConsoleQueries:
         order by id, SQLite walks the whole run instead through (run_id, id), already
         in that order; a 200,000-entry run's few lifecycle entries cost 100 ms so.
         """
-        query = (
-            select(*(log_entries.c[name] for name in ENTRY_COLUMNS))
-            .where(
-                log_entries.c.run_id == run_id,
-                log_entries.c.event.in_([event.value for event in ATTEMPT_EVENTS]),
-            )
+        query = select(*(log_entries.c[name] for name in ENTRY_COLUMNS)).where(
+            log_entries.c.run_id == run_id,
+            log_entries.c.event.in_([event.value for event in ATTEMPT_EVENTS]),
         )
         with self._reader.connect() as conn:
             found = [entry_from_tuple(tuple(row)) for row in conn.execute(query)]
