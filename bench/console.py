@@ -57,7 +57,7 @@ import httpx
 from httpx_sse import connect_sse
 from sqlalchemy import insert
 
-from bench.api import api_env, pct
+from bench.api import api_env, pct, timed
 from bench.ingest import NullStream, fresh_sqlite
 from tests.acceptance.harness import serve_api
 from worker.models import Level, NewEntry
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "Store.dashboard()": store.dashboard,
         "Store.attempt_history(big run)": lambda: store.attempt_history(big),
     }
-    reads = {name: statistics.median(_repeat(fn, 20)) for name, fn in in_process.items()}
+    reads = {name: statistics.median(timed(fn, 20, warmup=1)) for name, fn in in_process.items()}
     store.close()
     pipelines = _pipelines_file(tmp / "pipelines.toml")
     executable = _chromium(args.chromium)
@@ -794,16 +794,6 @@ def _load() -> str:
     """The machine's load: the figures are only as quiet as it was."""
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
-
-
-def _repeat(fn: Any, n: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(n):
-        began = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - began) * 1000)
-    return out
 
 
 if __name__ == "__main__":
