@@ -12,11 +12,11 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from worker import jsonfmt, telemetry
+from worker import jsonfmt, telemetry, wording
 from worker.models import Entry, Level, Run, Status
 from worker.runlog import escape_controls
-from worker.store import Store, utcnow
-from worker.wording import format_count, format_duration, plural
+from worker.store import Store
+from worker.wording import format_count
 
 _LEVEL_STYLE = {
     Level.DEBUG: "dim",
@@ -78,12 +78,8 @@ def plain(value: str) -> Text:
 
 
 def run_duration(run: Run) -> str:
-    """How long the run has taken so far (or took): from its first start to its end, across
-    every attempt, the figure its ``run_completed`` line gives too."""
-    if run.started_at is None:
-        return "-"
-    end = run.finished_at or utcnow()
-    return format_duration((end - run.started_at).total_seconds())
+    """How long the run has taken so far (or took), across every attempt."""
+    return wording.run_duration(run)
 
 
 def status_text(status: Status) -> Text:
@@ -220,14 +216,9 @@ def origin_text(run: Run) -> str:
 
 
 def attempt_text(run: Run) -> str:
-    """The attempt number, and what the attempts after the first were: ``3 (1 retry, 1
-    recovery)``."""
-    parts = []
-    if run.retries:
-        parts.append(plural(run.retries, "retry", "retries"))
-    if run.recoveries:
-        parts.append(plural(run.recoveries, "recovery", "recoveries"))
-    text = f"{run.attempt} ({', '.join(parts)})" if parts else str(run.attempt)
+    """The attempt number, what the attempts after the first were, and why this one exists:
+    ``3 (1 retry, 1 recovery); this one is a retry of attempt 2 (…)``."""
+    text = wording.attempt_summary(run)
     if run.attempt_reason and run.attempt > 1:
         text += f"; this one is a {run.attempt_reason}"
     return text

@@ -34,6 +34,7 @@ from worker.publish import publish_run
 from worker.settings import Settings
 from worker.store import Store
 from worker.store.console import Dashboard
+from worker.wording import attempt_summary
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -275,7 +276,7 @@ def _run_context(store: Store, viewer: Viewer, run_id: str) -> dict[str, Any]:
         "row": views.run_row(run, datetime.now(UTC)),
         "terminal": run.status in TERMINAL,
         "checkpoint": views.checkpoint_words(run),
-        "attempt": views.attempt_summary(run),
+        "attempt": attempt_summary(run),
         "attempts": views.attempts(store.attempt_history(run.id)),
         "created": views.when(run.created_at),
         "finished": views.when(run.finished_at),

@@ -10,7 +10,7 @@ from typing import Any
 from worker import telemetry
 from worker.models import TERMINAL, Entry, Event, Run, Status
 from worker.runlog import escape_controls
-from worker.wording import format_count, format_duration, plural
+from worker.wording import format_count, run_duration
 
 #: What a cell shows for a value that is not there.
 NONE = "\u2013"
@@ -46,14 +46,6 @@ def format_bytes(value: int) -> str:
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{value} B"  # pragma: no cover - the loop always returns
-
-
-def duration(run: Run, now: datetime | None = None) -> str:
-    """From the run's first start to its end (or now)."""
-    if run.started_at is None:
-        return NONE
-    end = run.finished_at or now or datetime.now(UTC)
-    return format_duration(max((end - run.started_at).total_seconds(), 0.0))
 
 
 def when(moment: datetime | None) -> str:
@@ -107,7 +99,7 @@ def run_row(run: Run, now: datetime) -> RunRow:
         rows=format_count(telemetry.counter(summary, "rows_loaded")),
         bytes=format_bytes(telemetry.counter(summary, "bytes_loaded")),
         started=when(run.started_at),
-        duration=duration(run, now),
+        duration=run_duration(run, now, NONE),
         worker=inert(run.lease_owner or NONE, MAX_CELL),
         gateway=inert(run.gateway or NONE, MAX_CELL),
         error=inert(run.error_summary or "", MAX_CELL),
@@ -156,13 +148,3 @@ def attempts(history: list[Entry]) -> list[AttemptRow]:
     if current is not None:
         close("running", NONE)
     return rows
-
-
-def attempt_summary(run: Run) -> str:
-    """``3 (1 retry, 1 recovery)``."""
-    parts = []
-    if run.retries:
-        parts.append(plural(run.retries, "retry", "retries"))
-    if run.recoveries:
-        parts.append(plural(run.recoveries, "recovery", "recoveries"))
-    return f"{run.attempt} ({', '.join(parts)})" if parts else str(run.attempt)
