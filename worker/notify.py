@@ -1,7 +1,10 @@
 """Stream wake-ups over Redis pub/sub: writers announce runs with new entries, streams wake.
 
 Optional: with no Redis configured, streams poll the store. A lost wake-up only
-costs a poll interval, because the store, not the message, is the truth.
+costs a poll interval, because the store, not the message, is the truth. While
+the subscription is down (Redis restarting), :attr:`Wakeups.subscribed` is clear
+and streams poll at the no-Redis rate; when it is back, every stream is woken
+once, since anything published meanwhile was missed.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Wakeups:
         self._connect = connect or (lambda: aioredis.Redis.from_url(self._url))
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        #: Set while the subscription is live: a publish from now on wakes its streams.
+        self.subscribed = asyncio.Event()
 
     async def start(self) -> None:
         """Subscribe in the background; reconnects after a Redis restart."""
@@ -78,6 +83,11 @@ class Wakeups:
             if not waiters:
                 del self._waiters[run_id]
 
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
     async def _listen(self) -> None:
         lost = False
         delay = 1.0
@@ -86,6 +96,9 @@ class Wakeups:
                 client = self._connect()
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL)
+                    self.subscribed.set()
+                    # Whatever was published before this point was not heard.
+                    self._wake_all()
                     if lost:
                         log.warning("wake-up subscription restored")
                         lost, delay = False, 1.0
@@ -96,8 +109,10 @@ class Wakeups:
                         for event in self._waiters.get(run_id, ()):
                             event.set()
             except asyncio.CancelledError:
+                self.subscribed.clear()
                 raise
             except Exception as exc:
+                self.subscribed.clear()
                 # Once per outage, one line: streams poll the store meanwhile.
                 if not lost:
                     log.warning(

@@ -38,12 +38,13 @@ def test_a_publish_wakes_exactly_the_runs_it_names(server: fakeredis.FakeServer)
     async def main() -> tuple[bool, bool]:
         wakeups = _wakeups(server)
         await wakeups.start()
-        mine, other = wakeups.register("run_a"), wakeups.register("run_b")
-        # The subscription is made in the background: publish until it hears one.
+        # The subscription is made in the background.
         async with asyncio.timeout(10):
-            while not mine.is_set():
-                await asyncio.to_thread(publish, ["run_a"])
-                await asyncio.sleep(0.01)
+            await wakeups.subscribed.wait()
+        mine, other = wakeups.register("run_a"), wakeups.register("run_b")
+        await asyncio.to_thread(publish, ["run_a"])
+        async with asyncio.timeout(10):
+            await mine.wait()
         await wakeups.stop()
         return mine.is_set(), other.is_set()
 
@@ -105,3 +106,30 @@ def test_a_feed_is_woken_by_the_commit_not_by_its_poll(
 
 async def _never() -> bool:
     return False
+
+
+def test_a_restored_subscription_wakes_every_stream_once(server: fakeredis.FakeServer) -> None:
+    """While Redis is unreachable the subscription is down (streams poll); once it is back,
+    every registered stream is woken, since what was published meanwhile was not heard."""
+    attempts = 0
+
+    def connect() -> fakeredis.FakeAsyncRedis:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("Redis is down")
+        return fakeredis.FakeAsyncRedis(server=server)
+
+    async def main() -> tuple[bool, bool, bool]:
+        wakeups = Wakeups("redis://fake", connect=connect)
+        stream_event = wakeups.register("run_a")
+        await wakeups.start()
+        await asyncio.sleep(0.1)
+        down = not wakeups.subscribed.is_set() and not stream_event.is_set()
+        async with asyncio.timeout(10):  # the retry comes after a second
+            await wakeups.subscribed.wait()
+        woken = stream_event.is_set()
+        await wakeups.stop()
+        return down, woken, wakeups.subscribed.is_set()
+
+    assert asyncio.run(main()) == (True, True, False)

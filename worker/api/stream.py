@@ -102,8 +102,8 @@ class Feed:
         changed.set()
 
     async def _run(self) -> None:
-        wake = self._wakeups.register(self.run_id) if self._wakeups is not None else None
-        interval = POLL_WITH_WAKEUPS_SECONDS if wake is not None else POLL_SECONDS
+        wakeups = self._wakeups
+        wake = wakeups.register(self.run_id) if wakeups is not None else None
         try:
             while not self.done:
                 if wake is not None:
@@ -131,10 +131,12 @@ class Feed:
                     self._notify()
                 if len(batch) == BATCH or self.done:
                     continue
-                await _pause(wake, interval)
+                # Without a live subscription (none configured, or Redis down), poll.
+                live = wakeups is not None and wakeups.subscribed.is_set()
+                await _pause(wake, POLL_WITH_WAKEUPS_SECONDS if live else POLL_SECONDS)
         finally:
-            if self._wakeups is not None and wake is not None:
-                self._wakeups.unregister(self.run_id, wake)
+            if wakeups is not None and wake is not None:
+                wakeups.unregister(self.run_id, wake)
 
     def after(self, cursor: int) -> tuple[list[int], list[bool], list[bytes]]:
         """Tail ids, terminal flags and frames after ``cursor`` (caller checked ``>= floor``)."""
