@@ -78,16 +78,9 @@ def decide(
     """What to do with ``run``: a pure function of the record and the clocks."""
     if is_stale(run, db_now):
         expired_for = db_now - (run.lease_expires_at or db_now)
-        gone = f"lease of {run.lease_owner} expired {expired_for:.1f}s ago"
-        if run.cancel_requested:
-            return Decision(run, Action.CANCEL, f"cancel requested and the owner is gone ({gone})")
-        # Retries are the pipeline's own policy; max_attempts bounds crashes.
-        crashes = run.recoveries + 1
-        if crashes >= max_attempts:
-            return Decision(
-                run, Action.GIVE_UP, f"attempts exhausted ({crashes}/{max_attempts}); {gone}"
-            )
-        return Decision(run, Action.RECOVER, gone)
+        return owner_gone(
+            run, f"lease of {run.lease_owner} expired {expired_for:.1f}s ago", max_attempts
+        )
     if run.status is Status.INTERRUPTED:
         if run.cancel_requested:
             return Decision(run, Action.CANCEL, "cancel requested while interrupted")
@@ -96,6 +89,19 @@ def decide(
         waited = (now - run.queued_at).total_seconds()
         return Decision(run, Action.REPUBLISH, f"queued {waited:.0f}s with no worker taking it")
     return Decision(run, Action.NONE, "nothing to do")
+
+
+def owner_gone(run: Run, gone: str, max_attempts: int) -> Decision:
+    """What to do with a running run whose holder is gone (``gone`` says how)."""
+    if run.cancel_requested:
+        return Decision(run, Action.CANCEL, f"cancel requested and the owner is gone ({gone})")
+    # Retries are the pipeline's own policy; max_attempts bounds crashes.
+    crashes = run.recoveries + 1
+    if crashes >= max_attempts:
+        return Decision(
+            run, Action.GIVE_UP, f"attempts exhausted ({crashes}/{max_attempts}); {gone}"
+        )
+    return Decision(run, Action.RECOVER, gone)
 
 
 def _entry(run: Run, event: Event, message: str, **data: object) -> NewEntry:
@@ -111,8 +117,19 @@ def _entry(run: Run, event: Event, message: str, **data: object) -> NewEntry:
     )
 
 
-def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int) -> bool:
-    """Carry out one decision; returns whether this call won the transition."""
+def act(
+    store: Store,
+    decision: Decision,
+    publish: Publish,
+    *,
+    max_attempts: int,
+    kind: str = "expired_lease",
+) -> bool:
+    """Carry out one decision; returns whether this call won the transition.
+
+    ``kind`` is what a recovery of a running run is counted as: ``expired_lease``
+    (the watchdog) or ``lost_process`` (:func:`release_lost`).
+    """
     run, reason = decision.run, decision.reason
     if decision.action is Action.RECOVER:
         entry = _entry(
@@ -130,7 +147,7 @@ def act(store: Store, decision: Decision, publish: Publish, *, max_attempts: int
             expected_epoch=run.lease_epoch,
             bump_attempt=True,
             attempt_reason=f"recovery of attempt {run.attempt} ({reason})",
-            recovery="expired_lease",
+            recovery=kind,
             interruption="worker_lost",
         )
     elif decision.action is Action.FAST_RECOVER:
@@ -215,3 +232,35 @@ def fast_recover(store: Store, run_id: str, publish: Publish, *, max_attempts: i
     if decision.action not in {Action.FAST_RECOVER, Action.CANCEL}:
         return False
     return act(store, decision, publish, max_attempts=max_attempts)
+
+
+def release_lost(
+    store: Store,
+    run_id: str,
+    epoch: int | None,
+    how: str,
+    publish: Publish,
+    *,
+    max_attempts: int,
+) -> Action:
+    """The fast path after a pool process died holding ``run_id`` at lease ``epoch``.
+
+    Called by the worker's main process, which saw the process die: the run is
+    re-queued (attempt + 1) at once instead of when its lease expires. Fenced:
+    only the epoch the dead process held is released; if the watchdog or
+    another worker has moved the run on since, nothing happens. ``epoch`` is
+    ``None`` when the process died before taking the lease: a run still queued
+    is published again (its message was acked with the process's acceptance).
+    The lease expiry stays the path for a dead machine.
+    """
+    run = store.get_run(run_id)
+    if epoch is None:
+        if run.status is Status.QUEUED and run.gateway is None:
+            publish(run.id)
+            return Action.REPUBLISH
+        return Action.NONE
+    if run.status is not Status.RUNNING or run.lease_epoch != epoch:
+        return Action.NONE
+    decision = owner_gone(run, f"pool process of {run.lease_owner} {how}", max_attempts)
+    won = act(store, decision, publish, max_attempts=max_attempts, kind="lost_process")
+    return decision.action if won else Action.NONE

@@ -62,7 +62,11 @@ class Runner(RunEndings):
     """Executes runs in this process."""
 
     def __init__(
-        self, runtime: Runtime, stop: StopFlag, terminate: Callable[[str], None] | None = None
+        self,
+        runtime: Runtime,
+        stop: StopFlag,
+        terminate: Callable[[str], None] | None = None,
+        on_lease: Callable[[Lease], None] | None = None,
     ) -> None:
         self.rt = runtime
         self.settings = runtime.settings
@@ -71,6 +75,9 @@ class Runner(RunEndings):
         #: Ends this process when its runner is stuck past the point of stopping (a pool
         #: child only; see :class:`~worker.heartbeat.Heartbeat`).
         self.terminate = terminate
+        #: Told the lease as soon as it is taken (the pool child notes it for its
+        #: worker's main process: :mod:`worker.consuming`).
+        self.on_lease = on_lease
 
     # -- entry point ----------------------------------------------------------
 
@@ -134,6 +141,8 @@ class Runner(RunEndings):
             quiet.info("lease_not_acquired", message="Run is not claimable here; skipping")
             return Outcome.SKIPPED
         lease = taken
+        if self.on_lease is not None:
+            self.on_lease(lease)
         log = base_log.bind(attempt=lease.attempt, epoch=lease.epoch)
         run = self.store.get_run(run_id)
         telemetry = Telemetry(1, run.telemetry_summary)

@@ -159,3 +159,34 @@ def test_snapshot_counts_open_runs_per_pipeline(store: Store) -> None:
     assert snap.queued == {"a": 1}
     assert snap.max_entry_id == store.entries(b.id)[-1].id
     assert snap.pipelines(["c"]) == ["a", "b", "c"]
+
+
+def test_a_dead_pool_process_releases_exactly_the_epoch_it_held(store: Store) -> None:
+    """The worker's fast path after a pool process died: its epoch only, counted lost_process;
+    a later epoch (the run moved on) is left alone; a run it never took is published again."""
+    published: list[str] = []
+    run = store.create_run("p")
+    lease = leased(store, run.id)
+    stale = recovery.release_lost(
+        store, run.id, lease.epoch - 1, "died", published.append, max_attempts=3
+    )
+    assert stale is recovery.Action.NONE
+    assert store.get_run(run.id).status is Status.RUNNING
+    done = recovery.release_lost(
+        store, run.id, lease.epoch, "died", published.append, max_attempts=3
+    )
+    assert done is recovery.Action.RECOVER
+    after = store.get_run(run.id)
+    assert (after.status, after.attempt, published) == (Status.QUEUED, 2, [run.id])
+    assert counters(store)[("p", m.RECOVERIES, "kind=lost_process")] == 1
+    # Again (a second report of the same death): the run has moved on.
+    again = recovery.release_lost(
+        store, run.id, lease.epoch, "died", published.append, max_attempts=3
+    )
+    assert again is recovery.Action.NONE
+    # Died before taking the lease: the queued run is published again, nothing else changes.
+    fresh = store.create_run("p")
+    early = recovery.release_lost(store, fresh.id, None, "died", published.append, max_attempts=3)
+    assert early is recovery.Action.REPUBLISH
+    assert published == [run.id, fresh.id]
+    assert store.get_run(fresh.id).status is Status.QUEUED

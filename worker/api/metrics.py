@@ -40,7 +40,7 @@ from worker.store.metrics import MetricsSnapshot
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 #: Kinds exported from zero for every pipeline (others appear once counted).
-RECOVERY_KINDS = ("expired_lease", "fast", "republish", "give_up")
+RECOVERY_KINDS = ("expired_lease", "lost_process", "fast", "republish", "give_up")
 INTERRUPTION_KINDS = ("sigterm", "worker_lost", "retry")
 ENDED = tuple(sorted(s.value for s in TERMINAL))
 
@@ -113,8 +113,8 @@ _COUNTERS: dict[str, tuple[str, str, str | None, tuple[str, ...]]] = {
     ),
     stored.RECOVERIES: (
         "quarry_run_recoveries_total",
-        "Watchdog and worker recoveries: expired_lease, fast (after SIGTERM), republish "
-        "(lost message), give_up (attempts exhausted).",
+        "Watchdog and worker recoveries: expired_lease, lost_process (a pool process "
+        "died), fast (after SIGTERM), republish (lost message), give_up (attempts exhausted).",
         "kind",
         RECOVERY_KINDS,
     ),
