@@ -8,7 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker import broker as _broker  # noqa: F401 - registers the embedded transport
-from worker import workerlogs
+from worker import consuming, workerlogs
 from worker.settings import Settings, get_settings
 
 #: Name of the task that executes a run.
@@ -22,9 +22,16 @@ WEBHOOK = "quarry.webhook"
 #: Name of the schedule tick.
 SCHEDULE_TICK = "quarry.schedule_tick"
 
-#: Redis redelivers an unacked message after this long. The lease, not the broker,
-#: decides who runs, so a redelivery while the run is alive is a harmless no-op.
+#: Redis redelivers an unacked message after this long. Runs are acked when they start
+#: and control tasks last seconds, so this only bounds a message lost with its worker.
 REDIS_VISIBILITY_TIMEOUT = 3600
+#: The runs queue's highest priority on RabbitMQ (``x-max-priority``): resumed runs 1, new 0.
+RABBITMQ_MAX_PRIORITY = 1
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether the broker is RabbitMQ (AMQP 0.9.1)."""
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -36,6 +43,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     elif broker.startswith("quarry-sqla+"):
         transport = {"polling_interval": 0.2}
     control = f"{settings.queue}.control"
+    # RabbitMQ orders by priority only in a queue declared with a maximum (Redis keeps one
+    # list per priority step by itself): resumed runs go ahead of new ones.
+    runs = Queue(settings.queue, max_priority=RABBITMQ_MAX_PRIORITY) if is_amqp(broker) else None
     return {
         "broker_url": broker,
         "broker_transport_options": transport,
@@ -44,15 +54,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
-        # Ack after the run returns, and give the message back if the child dies:
-        # the lease makes every extra delivery a no-op.
+        # Control tasks (seconds long) are acked when they return and go back to the queue
+        # if their process dies. A run is acked when it starts (execute_run sets
+        # acks_late=False): its lease owns it from then on. See worker/consuming.py.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # One run per child at a time, and no run parked behind a long one.
+        # One message per pool process; worker/consuming.py keeps it at that.
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
         # The watchdog has its own queue: behind a backlog of runs it would wait for hours.
-        "task_queues": (Queue(settings.queue), Queue(control)),
+        "task_queues": (runs or Queue(settings.queue), Queue(control)),
         "task_routes": {
             EXECUTE_RUN: {"queue": settings.queue},
             WATCHDOG: {"queue": control},
@@ -95,8 +106,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 app = Celery(
-    "quarry", include=["worker.tasks", "scheduler.tasks"], task_cls="worker.workerlogs:QuarryTask"
+    "quarry", include=["worker.tasks", "scheduler.tasks"], task_cls="worker.consuming:QuarryTask"
 )
 app.add_defaults(lambda: celery_config(get_settings()))
+# Take a message only when a pool process can start it: see worker/consuming.py.
+app.steps["consumer"].add(consuming.GateStep)
 # What the worker logs and at which level: see worker/workerlogs.py and docs/operations.md.
 workerlogs.install(runs=[EXECUTE_RUN], quiet=[WATCHDOG, SCHEDULE_TICK])

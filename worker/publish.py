@@ -14,12 +14,24 @@ from worker.settings import get_settings
 if TYPE_CHECKING:
     from celery import Celery
 
-#: Message priorities. Kombu's Redis transport reads the lower number first, so a
-#: run resuming after an interruption or a crash goes ahead of runs not yet
-#: started: it holds a lease history and half its output, and a rolling deploy
-#: should not park it behind the whole backlog. The embedded SQLite broker is FIFO.
+#: Message priorities: a run resuming after an interruption or a crash goes ahead of
+#: runs not yet started, since it holds a lease history and half its output, and a
+#: rolling deploy should not park it behind the whole backlog. Kombu's Redis transport
+#: reads the lower number first; RabbitMQ the higher (its runs queue is declared with
+#: ``x-max-priority`` 1). The embedded SQLite broker is FIFO.
 RESUME_PRIORITY = 0
 NEW_RUN_PRIORITY = 5
+RABBITMQ_RESUME_PRIORITY = 1
+RABBITMQ_NEW_RUN_PRIORITY = 0
+
+
+def run_priority(broker_url: str, *, resume: bool) -> int:
+    """The message priority of a new or a resumed run on this broker."""
+    from worker.celery_app import is_amqp  # noqa: PLC0415 - Celery only when sending
+
+    if is_amqp(broker_url):
+        return RABBITMQ_RESUME_PRIORITY if resume else RABBITMQ_NEW_RUN_PRIORITY
+    return RESUME_PRIORITY if resume else NEW_RUN_PRIORITY
 
 
 def send_run(celery: Celery, queue: str, run_id: str, *, resume: bool = False) -> None:
@@ -30,7 +42,7 @@ def send_run(celery: Celery, queue: str, run_id: str, *, resume: bool = False) -
         EXECUTE_RUN,
         args=[run_id],
         queue=queue,
-        priority=RESUME_PRIORITY if resume else NEW_RUN_PRIORITY,
+        priority=run_priority(str(celery.conf.broker_url), resume=resume),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals as celery_signals
 
-from worker import signals, webhooks, workermetrics
+from worker import consuming, signals, webhooks, workermetrics
 from worker.attempt import Outcome
 from worker.celery_app import EXECUTE_RUN, WEBHOOK, app
 from worker.errors import QuarryError, first_line
@@ -27,7 +27,8 @@ from worker.store.webhooks import DeliveryStatus
 log = logging.getLogger("quarry.worker")
 
 
-@app.task(name=EXECUTE_RUN, ignore_result=True)
+# Acked when a pool process starts it: the lease owns the run (worker/consuming.py).
+@app.task(name=EXECUTE_RUN, ignore_result=True, acks_late=False)
 def execute_run(run_id: str) -> str:
     """Execute one run; a delivery for a run someone else holds returns ``skipped``."""
     # billiard installs, after worker_process_init, a SIGTERM handler that raises
@@ -36,7 +37,11 @@ def execute_run(run_id: str) -> str:
     signals.install()
     signals.stop_flag.clear()
     runtime = get_runtime()
-    outcome = Runner(runtime, signals.stop_flag, terminate=_terminate).execute(run_id)
+    runner = Runner(runtime, signals.stop_flag, terminate=_terminate, on_lease=consuming.note_lease)
+    try:
+        outcome = runner.execute(run_id)
+    finally:
+        consuming.clear_note()
     if outcome.ended or outcome is Outcome.LEASE_LOST:
         _wake_next(run_id)
     if outcome is Outcome.INTERRUPTED:
@@ -109,11 +114,20 @@ def _on_worker_init(**_kwargs: Any) -> None:
     except OSError as exc:
         sys.stderr.write(f"quarry worker: cannot serve metrics on port {port}: {exc}\n")
         raise SystemExit(1) from None
+    # Before the pool forks too: each pool process notes its lease there.
+    consuming.open_notes()
+
+
+@celery_signals.worker_shutdown.connect
+def _on_worker_shutdown(**_kwargs: Any) -> None:
+    consuming.close_notes()
 
 
 @celery_signals.worker_shutting_down.connect
 def _on_shutting_down(how: str = "Warm", **_kwargs: Any) -> None:
-    # Runs in the main process, inside Celery's SIGTERM/SIGQUIT handler.
+    # Runs in the main process, inside Celery's SIGTERM/SIGQUIT handler. Take no more
+    # messages first: the ones the stopping runs publish to resume go to other workers.
+    consuming.GATE.stop_taking()
     signals.forward_to_children(signal.SIGTERM)
     if how == "Warm":
         settings = get_settings()

@@ -12,11 +12,12 @@ library:
   (SIGKILL: the shutdown deadline, the OOM killer, a stuck run ended), WARNING,
   with what happens next. Any other exit (a crash, SIGSEGV) stays ERROR.
 - Celery's ``Task handler raised error: WorkerLostError(…)`` with its traceback:
-  the app's task class (``QuarryTask``) reports a task whose pool process was
-  lost through its request class (``QuarryRequest``) as one WARNING line naming
-  the task, its run and what recovers it, when the message goes back to the
-  queue (``task_acks_late`` and ``task_reject_on_worker_lost``). A run's state
-  lives in the store under its lease, so a lost process loses nothing.
+  the app's request class (``QuarryRequest``, under ``worker.consuming``'s)
+  reports a task whose pool process was lost as one WARNING line naming the
+  task, its run and what recovers it: a run is re-queued by its worker
+  (:mod:`worker.consuming`), another task's message goes back to the queue
+  (``task_acks_late`` and ``task_reject_on_worker_lost``). A run's state lives
+  in the store under its lease, so a lost process loses nothing.
 - Celery's ``Task … received`` / ``succeeded in`` / ``Discarding revoked task``
   lines of the quiet tasks (the watchdog and the schedule tick, every second)
   are DEBUG; those tasks say what they did themselves when they act.
@@ -41,7 +42,6 @@ from typing import Any
 
 from billiard.common import human_status
 from billiard.exceptions import WorkerLostError
-from celery import Task
 from celery import signals as celery_signals
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -116,7 +116,7 @@ def child_exit(status: str, *, stopping: bool) -> Verdict | None:
     if name == "SIGKILL":
         return Verdict(
             logging.WARNING,
-            "killed; a run it held is resumed from its checkpoint once its lease expires",
+            "killed; a run it held is re-queued by this worker and resumes from its checkpoint",
         )
     return None
 
@@ -190,13 +190,25 @@ def lost_status(exc: BaseException) -> str | None:
     return None
 
 
+def is_run_task(name: str) -> bool:
+    """Whether ``name`` is a task that executes a run."""
+    return name in _config.runs
+
+
+def own_doing(request: Request) -> bool:
+    """Whether the worker itself ended the task's process (it cancelled or revoked it)."""
+    return bool(
+        getattr(request, "_already_cancelled", False) or getattr(request, "_already_revoked", False)
+    )
+
+
 def lost_task_line(name: str, task_id: str, args: Sequence[Any] | None, status: str) -> str:
-    """The one line for a task whose pool process was lost and whose message was requeued."""
+    """The one line for a task whose pool process was lost: a run is re-queued by its worker
+    (:mod:`worker.consuming`), any other task's message is requeued."""
     if name in _config.runs and args:
         return (
             f"Task {name}[{task_id}] of run {args[0]} lost its pool process ({status}); "
-            "its message is requeued (a no-op while the lease is held) and the watchdog "
-            "resumes the run from its last checkpoint once the lease expires"
+            "the worker re-queues the run, which resumes from its last checkpoint"
         )
     return f"Task {name}[{task_id}] lost its pool process ({status}); its message is requeued"
 
@@ -211,23 +223,15 @@ class QuarryRequest(Request):
         exc = exc_info.exception
         exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
         status = lost_status(exc) if isinstance(exc, BaseException) else None
-        # Celery rejects the message for a requeue exactly when both are set; it says
-        # nothing of an exit it caused by cancelling or revoking the task itself.
+        # Celery rejects the message for a requeue exactly when both are set; a run's
+        # message was acked at its start and the worker re-queues the run itself. Celery
+        # says nothing of an exit it caused by cancelling or revoking the task itself.
         requeued = self.task.acks_late and self.task.reject_on_worker_lost
-        own_doing = getattr(self, "_already_cancelled", False) or getattr(
-            self, "_already_revoked", False
-        )
-        if status is not None and requeued and not return_ok and not own_doing:
+        recovered = is_run_task(self.name) and not self.task.acks_late
+        if status is not None and (requeued or recovered) and not return_ok and not own_doing(self):
             log.warning(lost_task_line(self.name, self.id, self.args, status))
             return_ok = True  # so Celery skips its ERROR line and traceback
         return super().on_failure(exc_info, send_failed_event, return_ok)
-
-
-class QuarryTask(Task[Any, Any]):
-    """The app's base task class (``task_cls``): its requests report a lost pool process
-    truthfully."""
-
-    Request = "worker.workerlogs:QuarryRequest"
 
 
 def ready_line(

@@ -83,8 +83,8 @@ def test_a_rolling_deploy_and_a_killed_pool_process_log_no_error(
     tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
     """a runs a slow run; b starts; SIGTERM to a's whole group: a exits 0, b resumes the
-    run. Then b's pool process running it is SIGKILLed: the watchdog recovers the run and
-    it completes. Neither worker prints an ERROR, a traceback or a password."""
+    run. Then b's pool process running it is SIGKILLed: b re-queues the run and it
+    completes. Neither worker prints an ERROR, a traceback or a password."""
     database_url, broker_url = _db_with_password(pg_url), _broker_with_password(redis_url)
     passwords = {p for p in (make_url(database_url).password, urlsplit(broker_url).password) if p}
     c = Cluster(tmp_path, database_url=database_url, broker_url=broker_url)
@@ -127,8 +127,9 @@ def test_a_rolling_deploy_and_a_killed_pool_process_log_no_error(
     # The deploy: a's idle pool process stopped at INFO, in one line.
     assert lines(a, r"INFO/MainProcess\] Process .* exited with 'signal 15 \(SIGTERM\)'")
     # The kill: one warning for the process, one for the task naming its run, one for the
-    # watchdog's recovery.
+    # worker's re-queue of the run.
     assert lines(b, r"WARNING/MainProcess\] Process .* exited with 'signal 9 \(SIGKILL\)'")
     (lost,) = lines(b, rf"WARNING/MainProcess\] Task quarry.execute_run\[.*\] of run {run_id} lost")
     assert "signal 9 (SIGKILL)" in lost
-    assert lines(b, rf"WARNING/ForkPoolWorker-\d+\] watchdog recover {run_id}: ")
+    (requeued,) = lines(b, rf"WARNING/MainProcess\] run {run_id} re-queued at once: ")
+    assert requeued.endswith("its pool process died (signal 9 (SIGKILL))")

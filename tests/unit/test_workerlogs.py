@@ -22,6 +22,7 @@ from scheduler.ticker import Ticker
 from worker import workerlogs
 from worker.celery_app import EXECUTE_RUN, SCHEDULE_TICK, WATCHDOG
 from worker.celery_app import app as quarry_app
+from worker.consuming import QuarryTask
 from worker.pipelines import Pipeline
 from worker.store import Store
 from worker.testing import expire_lease
@@ -31,7 +32,6 @@ from worker.workerlogs import (
     NO_CONSUMERS,
     POOL_EXIT,
     QuarryRequest,
-    QuarryTask,
     Verdict,
     WorkerLogFilter,
     child_exit,
@@ -211,7 +211,7 @@ def test_lost_task_line_names_the_task_the_run_and_what_recovers_it() -> None:
     assert "\n" not in line
     assert f"Task {EXECUTE_RUN}[t-1] of run run_abc" in line
     assert "signal 9 (SIGKILL)" in line
-    assert "watchdog resumes the run from its last checkpoint" in line
+    assert "the worker re-queues the run, which resumes from its last checkpoint" in line
     other = lost_task_line(WATCHDOG, "t-2", [], "signal 15 (SIGTERM)")
     assert other == (
         f"Task {WATCHDOG}[t-2] lost its pool process (signal 15 (SIGTERM)); its message is requeued"
@@ -243,32 +243,46 @@ def _lost() -> ExceptionInfo:
         return ExceptionInfo()
 
 
-@pytest.mark.parametrize("acks_late", [True, False])
-def test_a_lost_process_is_one_warning_only_when_the_message_is_requeued(
-    acks_late: bool, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("name", "acks_late", "expected"),
+    [
+        (EXECUTE_RUN, False, "re-queued by the worker"),
+        (WATCHDOG, True, "requeued"),
+        (WATCHDOG, False, "error"),
+    ],
+)
+def test_a_lost_process_is_one_warning_when_something_takes_the_task_up(
+    name: str, acks_late: bool, expected: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Requeued (acks late, reject on a lost worker): one warning, no traceback, and Celery
-    still requeues. Not requeued: Celery's own ERROR line, traceback and all."""
+    """A run (acked at its start): one warning, no traceback, no requeue; its worker re-queues
+    the run (worker/consuming.py). A control task acked late and rejected on a lost worker:
+    one warning, and Celery still requeues. Neither: Celery's own ERROR, traceback and all."""
     app = Celery("t", task_cls=QuarryTask, set_as_current=False)
-    app.conf.update(task_acks_late=acks_late, task_reject_on_worker_lost=True)
+    app.conf.update(task_acks_late=True, task_reject_on_worker_lost=True)
 
-    @app.task(name=EXECUTE_RUN, shared=False)
-    def execute_run(run_id: str) -> None:  # pragma: no cover - never runs
+    @app.task(name=name, shared=False, acks_late=acks_late)
+    def task(run_id: str) -> None:  # pragma: no cover - never runs
         del run_id
 
-    request, requeued = _request(app, EXECUTE_RUN)
+    request, requeued = _request(app, name)
     caplog.set_level(logging.DEBUG)
     request.on_failure(_lost())
     lines = [(r.name, r.levelname, r.getMessage(), bool(r.exc_info)) for r in caplog.records]
-    if acks_late:
-        assert requeued == [True]
-        assert len(lines) == 1
-        name, level, message, traceback = lines[0]
-        assert (name, level, traceback) == ("quarry.worker", "WARNING", False)
-        assert message.startswith(f"Task {EXECUTE_RUN}[t-1] of run run_abc lost its pool process")
-    else:
+    if expected == "error":
         assert requeued == []
         assert [(n, lv, tb) for n, lv, _, tb in lines] == [("celery.worker.request", "ERROR", True)]
+        return
+    assert requeued == ([True] if expected == "requeued" else [])
+    assert len(lines) == 1
+    logger, level, message, traceback = lines[0]
+    assert (logger, level, traceback) == ("quarry.worker", "WARNING", False)
+    if name == EXECUTE_RUN:
+        assert message.startswith(f"Task {EXECUTE_RUN}[t-1] of run run_abc lost its pool process")
+        assert message.endswith(
+            "the worker re-queues the run, which resumes from its last checkpoint"
+        )
+    else:
+        assert message.endswith("its message is requeued")
 
 
 def test_ready_line_scrubs_passwords() -> None:
