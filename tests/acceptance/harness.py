@@ -20,7 +20,7 @@ import httpx
 from celery import Celery
 
 from tests.conftest import truncate
-from worker.celery_app import celery_config
+from worker.celery_app import celery_config, is_amqp
 from worker.models import Entry, Run, Status
 from worker.pipelines import ResourceConfig, get_pipeline, plan_slices
 from worker.publish import send_run
@@ -250,10 +250,16 @@ class Cluster:
         return sum(e.event == "slice_completed" for e in self.entries(run_id))
 
     def close(self) -> None:
-        """Stop every worker and close connections."""
+        """Stop every worker and close connections (and drop the test's RabbitMQ queues)."""
         for w in self.workers:
             w.stop()
         self.store.close()
+        if is_amqp(self.settings.celery_broker_url):
+            with self.app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for name in (self.settings.queue, f"{self.settings.queue}.control"):
+                    with contextlib.suppress(Exception):
+                        channel.queue_delete(name)
         self.app.close()
 
 

@@ -1,4 +1,5 @@
-"""Runs on real ``celery -A worker worker`` processes: embedded default and Redis + PostgreSQL."""
+"""Runs on real ``celery -A worker worker`` processes: embedded default, and PostgreSQL with Redis
+or RabbitMQ."""
 
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ SMALL_SLICES = 12
 SLOW_SLICES = 30
 
 
-@pytest.fixture(params=["embedded", "redis_pg"])
+@pytest.fixture(params=["embedded", "redis_pg", "amqp_pg"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    """A cluster on each backend."""
+    """A cluster on each backend: embedded, PostgreSQL with Redis, PostgreSQL with RabbitMQ."""
     if request.param == "embedded":
         c = Cluster(tmp_path)
     else:
+        broker = request.param.removesuffix("_pg")
         c = Cluster(
             tmp_path,
             database_url=request.getfixturevalue("pg_url"),
-            broker_url=request.getfixturevalue("redis_url"),
+            broker_url=request.getfixturevalue(f"{broker}_url"),
         )
     yield c
     c.close()

@@ -38,12 +38,18 @@ SLOW_SLICES = 30
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Cluster]:
-    """A Redis + PostgreSQL cluster with a beat running the watchdog every second."""
-    c = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
+    """A PostgreSQL cluster with a beat running the watchdog every second, on Redis (or on
+    the broker a test names through :data:`BOTH_BROKERS`)."""
+    broker = getattr(request, "param", "redis")
+    c = Cluster(tmp_path, database_url=pg_url, broker_url=request.getfixturevalue(f"{broker}_url"))
     c.beat()
     yield c
     c.close()
+
+
+#: The lifecycle under every stop and crash runs on RabbitMQ as well as Redis.
+BOTH_BROKERS = pytest.mark.parametrize("cluster", ["redis", "amqp"], indirect=True)
 
 
 def slice_counts(entries: list[Entry]) -> collections.Counter[int]:
@@ -91,6 +97,7 @@ def start_slow_run(cluster: Cluster, worker: WorkerProcess, slices: int = 3) -> 
     return run_id
 
 
+@BOTH_BROKERS
 @pytest.mark.parametrize("delivery", ["main", "group"])
 def test_sigterm_stops_at_a_safe_point_and_resumes_elsewhere(
     cluster: Cluster, delivery: str
@@ -110,6 +117,7 @@ def test_sigterm_stops_at_a_safe_point_and_resumes_elsewhere(
     assert b.proc.poll() is None
 
 
+@BOTH_BROKERS
 def test_sigterm_to_one_child_interrupts_only_its_run(cluster: Cluster) -> None:
     """SIGTERM to a pool child: its run stops at a safe point; the worker lives on and resumes it."""
     a = cluster.worker("a")
@@ -122,9 +130,11 @@ def test_sigterm_to_one_child_interrupts_only_its_run(cluster: Cluster) -> None:
     assert a.proc.poll() is None
 
 
+@BOTH_BROKERS
 @pytest.mark.parametrize("target", ["child", "worker"])
-def test_sigkill_recovers_through_the_watchdog(cluster: Cluster, target: str) -> None:
-    """SIGKILL of a child or of the whole worker: lease expiry, watchdog_recovery, resume, no duplicate."""
+def test_sigkill_recovers_the_run_once(cluster: Cluster, target: str) -> None:
+    """SIGKILL of a child (its worker re-queues the run at once) or of the whole worker (the
+    watchdog, at lease expiry): one recovery, resume from the checkpoint, no duplicate."""
     a = cluster.worker("a")
     run_id = start_slow_run(cluster, a)
     if target == "child":
@@ -134,15 +144,31 @@ def test_sigkill_recovers_through_the_watchdog(cluster: Cluster, target: str) ->
         cluster.worker("b")  # ready before the kill, as in a deploy with spare capacity
         a.signal_group(signal.SIGKILL)
     entries = assert_exactly_once(cluster, run_id)
-    # One recovery of the expired lease. A loaded machine may also see a re-publish of the
+    # One recovery of the lost lease. A loaded machine may also see a re-publish of the
     # queued run (same event, no next_attempt): harmless, and not what this test is about.
     recoveries = [e for e in entries if e.event == "watchdog_recovery" and "next_attempt" in e.data]
     assert len(recoveries) == 1
     assert recoveries[0].data["next_attempt"] == 2
+    # Who recovered it: the worker that saw its child die, or the watchdog that saw the lease
+    # expire (the same transition, told apart by its reason and its count).
+    reason = recoveries[0].data["reason"]
+    if target == "child":
+        assert reason == "pool process of a died (signal 9 (SIGKILL))", reason
+        assert "re-queued at once" in a.log()
+    else:
+        assert reason.startswith("lease of a expired"), reason
+    kind = "lost_process" if target == "child" else "expired_lease"
+    counted = [
+        (labels, value)
+        for _, name, labels, value in cluster.store.metrics_snapshot().counters
+        if name == "run_recoveries"
+    ]
+    assert counted == [(f"kind={kind}", 1.0)], counted
     assert cluster.store.get_run(run_id).attempt == 2
     assert "run_interrupted" not in [e.event for e in entries]
 
 
+@BOTH_BROKERS
 def test_frozen_worker_is_fenced_after_takeover(cluster: Cluster) -> None:
     """SIGSTOP past the lease, takeover by the watchdog and b, SIGCONT: a writes nothing more."""
     a = cluster.worker("a")
