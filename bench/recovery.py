@@ -1,4 +1,5 @@
-"""Recovery times on real workers: SIGTERM → resumed elsewhere, SIGKILL → resumed, SIGTERM → exit.
+"""Recovery times on real workers: SIGTERM → resumed elsewhere, SIGTERM → exit, a pool process
+killed → resumed, a whole worker killed → resumed.
 
 The baseline, measured in the same run, is plain dispatch: publish of a fresh
 run → its ``lease_acquired`` on an idle worker (broker + worker + one acquire).
@@ -6,6 +7,7 @@ run → its ``lease_acquired`` on an idle worker (broker + worker + one acquire)
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import tempfile
@@ -42,14 +44,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(
-    pg_url: str, redis_url: str, samples: int = 8, kills: int = 4
+    pg_url: str, broker_url: str, samples: int = 8, kills: int = 4
 ) -> dict[str, list[float]]:
-    """Seconds for each kind of recovery, over ``samples`` SIGTERMs and ``kills`` SIGKILLs."""
+    """Seconds for each kind of recovery, over ``samples`` SIGTERMs and child kills and
+    ``kills`` SIGKILLs of a whole worker."""
     tmp = Path(tempfile.mkdtemp(prefix="quarry-recovery-"))
     cluster = Cluster(
         tmp,
         database_url=pg_url,
-        broker_url=redis_url,
+        broker_url=broker_url,
         lease_ttl_seconds=str(TTL),
         lease_renew_seconds=str(RENEW),
         watchdog_interval_seconds=str(PERIOD),
@@ -58,6 +61,7 @@ def measure(
         "dispatch": [],
         "sigterm_resume": [],
         "sigterm_exit": [],
+        "child_kill_resume": [],
         "sigkill_resume": [],
     }
     serial = 0
@@ -66,6 +70,15 @@ def measure(
         nonlocal serial
         serial += 1
         return cluster.worker(f"r{serial}")
+
+    def start() -> tuple[str, WorkerProcess]:
+        run_id = cluster.trigger("slow", page_latency_ms=60)
+        wait_for(lambda: cluster.slices_done(run_id) >= 2, "two slices")
+        return run_id, _holder(cluster, run_id, workers)
+
+    def done(run_id: str) -> None:
+        control.cancel(cluster.store, run_id)
+        cluster.wait_status(run_id, Status.CANCELLED)
 
     try:
         cluster.beat()
@@ -79,25 +92,28 @@ def measure(
             victim = _holder(cluster, run_id, workers)
             t0 = time.time()
             victim.proc.send_signal(signal.SIGTERM)
+            results["sigterm_resume"].append(_acquired_after(cluster, run_id, t0))
             victim.proc.wait(timeout=60)
             results["sigterm_exit"].append(time.time() - t0)
-            results["sigterm_resume"].append(_acquired_after(cluster, run_id, t0))
             workers.remove(victim)
             workers.append(spawn())
-            control.cancel(cluster.store, run_id)
-            cluster.wait_status(run_id, Status.CANCELLED)
+            done(run_id)
             time.sleep(3)  # the replacement is consuming
+        for _ in range(samples):
+            run_id, holder = start()
+            (child,) = holder.children()
+            t0 = time.time()
+            os.kill(child, signal.SIGKILL)  # the OOM killer's way
+            results["child_kill_resume"].append(_acquired_after(cluster, run_id, t0))
+            done(run_id)
         for _ in range(kills):
-            run_id = cluster.trigger("slow", page_latency_ms=60)
-            wait_for(lambda run_id=run_id: cluster.slices_done(run_id) >= 2, "two slices")
-            victim = _holder(cluster, run_id, workers)
+            run_id, victim = start()
             t0 = time.time()
             victim.signal_group(signal.SIGKILL)
             results["sigkill_resume"].append(_acquired_after(cluster, run_id, t0))
             workers.remove(victim)
             workers.append(spawn())
-            control.cancel(cluster.store, run_id)
-            cluster.wait_status(run_id, Status.CANCELLED)
+            done(run_id)
             time.sleep(3)
     finally:
         cluster.close()
