@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from scheduler import watchdog
 from scheduler.ticker import Ticker
 from worker.celery_app import RETENTION, SCHEDULE_TICK, WATCHDOG, app
-from worker.errors import ConfigError
+from worker.errors import ConfigError, StoreUnavailable
 from worker.pipelines import load_pipelines
 from worker.publish import publish_resumed, publish_run
 from worker.runtime import get_runtime
@@ -16,7 +16,24 @@ from worker.runtime import get_runtime
 #: This process's schedule memory (each pool child keeps its own).
 _TICKER = Ticker()
 _LAST_ERROR: str | None = None
+_STORE_AWAY = False
 _log = logging.getLogger("quarry.scheduler")
+
+
+def _store_away(task: str, exc: StoreUnavailable) -> dict[str, int]:
+    """One line per outage for the every-second tasks, not an ERROR with a traceback each."""
+    global _STORE_AWAY  # noqa: PLW0603
+    if not _STORE_AWAY:
+        _log.warning("%s skipped while the store is unavailable (%s)", task, exc)
+    _STORE_AWAY = True
+    return {}
+
+
+def _store_back() -> None:
+    global _STORE_AWAY  # noqa: PLW0603
+    if _STORE_AWAY:
+        _log.warning("the store is available again; sweeps and ticks carry on")
+    _STORE_AWAY = False
 
 
 @app.task(name=SCHEDULE_TICK, ignore_result=True)
@@ -33,13 +50,17 @@ def schedule_tick() -> dict[str, int]:
             _log.error("schedules paused until the pipelines file is fixed: %s", exc)
         _LAST_ERROR = str(exc)
         pipelines = {}
-    result = _TICKER.tick(
-        runtime.store,
-        pipelines,
-        datetime.now(UTC),
-        publish=publish_run,
-        publish_resumed=publish_resumed,
-    )
+    try:
+        result = _TICKER.tick(
+            runtime.store,
+            pipelines,
+            datetime.now(UTC),
+            publish=publish_run,
+            publish_resumed=publish_resumed,
+        )
+    except StoreUnavailable as exc:  # the next tick after the outage creates what is due
+        return _store_away("schedule tick", exc)
+    _store_back()
     return {"created": len(result.created), "retried": len(result.retried)}
 
 
@@ -48,12 +69,16 @@ def watchdog_sweep() -> dict[str, int]:
     """One watchdog sweep; returns how many runs each action touched."""
     runtime = get_runtime()
     settings = runtime.settings
-    decisions = watchdog.sweep(
-        runtime.store,
-        publish_resumed,
-        max_attempts=settings.max_attempts,
-        republish_after=timedelta(seconds=settings.queued_republish_seconds),
-    )
+    try:
+        decisions = watchdog.sweep(
+            runtime.store,
+            publish_resumed,
+            max_attempts=settings.max_attempts,
+            republish_after=timedelta(seconds=settings.queued_republish_seconds),
+        )
+    except StoreUnavailable as exc:  # the first sweep after the outage does the work
+        return _store_away("watchdog sweep", exc)
+    _store_back()
     counts: dict[str, int] = {}
     for decision in decisions:
         counts[decision.action.value] = counts.get(decision.action.value, 0) + 1

@@ -5,6 +5,7 @@ failed, or queued again for a retry from its checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -14,13 +15,18 @@ from typing import Any
 from worker import wording
 from worker.attempt import Attempt, Outcome, error_summary
 from worker.destinations import Publish
-from worker.errors import LeaseLost, SourceError, StopRequested, is_retryable
-from worker.models import Event, Lease, NewEntry, Status, StopReason
+from worker.errors import LeaseLost, SourceError, StopRequested, StoreUnavailable, is_retryable
+from worker.models import Event, Lease, NewEntry, Run, Status, StopReason
 from worker.runlog import Logger
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.store import Store
 from worker.telemetry import Phase, Telemetry
+
+log = logging.getLogger("quarry.worker")
+
+#: How often a paused run asks whether the store is back.
+STORE_RETRY_SECONDS = 0.5
 
 
 class RunEndings:
@@ -52,6 +58,7 @@ class RunEndings:
                 before_commit=before_commit,
                 loaded=loaded,
             ),
+            landed=lambda run: run.checkpoint == checkpoint,
         )
         a.checkpoint = checkpoint
 
@@ -79,6 +86,7 @@ class RunEndings:
                 before_commit=before_commit,
                 interruption=interruption,
             ),
+            landed=lambda run: run.status is status,
         )
 
     def _state_change(
@@ -86,25 +94,70 @@ class RunEndings:
         lease: Lease,
         emit: Callable[[], None],
         write: Callable[[list[NewEntry]], None],
+        *,
+        landed: Callable[[Run], bool] | None = None,
     ) -> None:
         """Write a state change with the entries ``emit`` logs and everything buffered before.
 
         The writer's lock keeps the buffered batches and this transaction in log
         order. If the write fails for another reason than a lost lease, the
-        buffered entries go back to the writer: a database blip loses none.
+        buffered entries go back to the writer: a database blip loses none. A
+        checkpoint or an ending (``landed`` says how to recognise it in the run)
+        that meets a store outage waits for the store instead: :meth:`_ride_out`.
         """
         writer = self.rt.writer
         with writer.io_lock:
             with self.rt.sink.hold() as held:
                 emit()
             earlier = self._take_own(lease.run_id)
+            entries = [*earlier, *held]
             try:
-                write([*earlier, *held])
+                write(entries)
             except LeaseLost:
                 raise
+            except StoreUnavailable as exc:
+                if landed is None:
+                    writer.requeue(earlier)
+                    raise
+                self._ride_out(lease, exc, lambda: write(entries), landed)
             except Exception:
                 writer.requeue(earlier)
                 raise
+
+    def _ride_out(
+        self,
+        lease: Lease,
+        exc: StoreUnavailable,
+        write: Callable[[], None],
+        landed: Callable[[Run], bool],
+    ) -> None:
+        """The store went away during a fenced write: the run pauses until it is back, then
+        finds out whether the write landed before the connection dropped (a COMMIT whose
+        answer was lost) and writes it if not, so nothing is committed twice or lost.
+
+        Bounded by the lease TTL: past it, the watchdog may have taken the run, so the
+        attempt gives up (``LeaseLost``) and the normal recovery resumes it. The fence
+        makes a late write harmless either way.
+        """
+        run_id = lease.run_id
+        log.warning("run %s: the store is unavailable (%s); paused until it is back", run_id, exc)
+        deadline = time.monotonic() + self.settings.lease_ttl_seconds
+        while True:
+            if time.monotonic() > deadline:
+                log.warning("run %s: the store is still unavailable; the lease is given up", run_id)
+                raise LeaseLost(f"{run_id} epoch {lease.epoch}: store unavailable past the TTL")
+            time.sleep(STORE_RETRY_SECONDS)
+            try:
+                run = self.store.get_run(run_id)
+                if landed(run):
+                    break
+                if run.lease_epoch != lease.epoch or run.status is not Status.RUNNING:
+                    raise LeaseLost(f"{run_id} epoch {lease.epoch}")
+                write()
+                break
+            except StoreUnavailable:
+                continue
+        log.warning("run %s: the store is back; the run carries on", run_id)
 
     def _take_own(self, run_id: str) -> list[NewEntry]:
         pending = self.rt.writer.take()

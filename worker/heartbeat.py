@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker import workermetrics
-from worker.errors import LeaseLost
+from worker.errors import LeaseLost, StoreUnavailable
 from worker.models import Event, Lease, Level, NewEntry, Status
 from worker.runlog import Logger
+from worker.scrub import describe
 from worker.settings import Settings
 from worker.store import Store
 from worker.telemetry import Telemetry
@@ -56,6 +57,7 @@ class Heartbeat:
         self.telemetry = telemetry
         self.log = log
         self.lost = threading.Event()
+        self._failing = False  # renewals are failing (the store is away)
         self.cancel_requested = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quarry-heartbeat", daemon=True)
@@ -162,13 +164,25 @@ class Heartbeat:
             self.taken = True
             self.lost.set()
             return False
-        except Exception:
-            logging.getLogger("quarry.heartbeat").warning("lease renew failed", exc_info=True)
+        except Exception as exc:
+            if not self._failing:  # one line per outage, not one a second
+                logging.getLogger("quarry.heartbeat").warning(
+                    "run %s: lease renew failed (%s); retrying every %.0fs for up to the TTL",
+                    self.lease.run_id,
+                    describe(exc),
+                    RETRY_SECONDS,
+                )
+                self._failing = True
             if time.monotonic() - self._last_ok >= self.settings.lease_ttl_seconds:
                 self.lost.set()
             return False
         finally:
             workermetrics.renewed(started)
+        if self._failing:
+            logging.getLogger("quarry.heartbeat").warning(
+                "run %s: lease renewed again", self.lease.run_id
+            )
+            self._failing = False
         self._last_ok = time.monotonic()
         self.renewals += 1
         if cancel:
@@ -186,6 +200,8 @@ class Heartbeat:
             self.store.append_sample(
                 self.lease.run_id, values, cap=self.settings.telemetry_max_samples
             )
+        except StoreUnavailable:
+            pass  # the renew says so, once per outage; a sample is not worth more lines
         except Exception:
             logging.getLogger("quarry.heartbeat").warning("telemetry sample failed", exc_info=True)
 

@@ -34,6 +34,7 @@ from worker.errors import (
     QuarryError,
     RunTimeout,
     StopRequested,
+    StoreUnavailable,
 )
 from worker.heartbeat import Heartbeat
 from worker.models import Event, Lease, NewEntry, Run, Status, StopReason
@@ -169,19 +170,23 @@ class Runner(RunEndings):
             heartbeat.start()
             return self._run(attempt, run.params)
         except LeaseLost:
-            self.rt.writer.discard(run_id)
             quiet.warning("lease_lost", message="Lease taken over; stopped without writing more")
-            if attempt is not None and self.store.get_run(run_id).status.terminal:
-                # Ended by someone else (a forced cancel): nobody writes to it any more,
-                # so what its write modes must not leave can go.
-                self._abort(attempt)
-            return Outcome.LEASE_LOST
+            return self._lease_lost(run_id, attempt)
         except Exception as exc:
             return self._fail(lease, log, telemetry, exc, attempt)
         finally:
             heartbeat.stop()
             self.rt.refused.pop(run_id, None)
             workermetrics.run_ended()
+
+    def _lease_lost(self, run_id: str, attempt: Attempt | None) -> Outcome:
+        self.rt.writer.discard(run_id)
+        with contextlib.suppress(StoreUnavailable):  # given up in a store outage
+            if attempt is not None and self.store.get_run(run_id).status.terminal:
+                # Ended by someone else (a forced cancel): nobody writes to it any more,
+                # so what its write modes must not leave can go.
+                self._abort(attempt)
+        return Outcome.LEASE_LOST
 
     # -- the extraction -------------------------------------------------------
 

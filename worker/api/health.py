@@ -9,6 +9,7 @@ from worker.api.auth import SettingsDep, StoreDep
 from worker.api.params import NoQueryDep
 from worker.api.responses import documented, error
 from worker.readiness import broker_problem, redis_problem
+from worker.scrub import describe
 
 router = APIRouter()
 
@@ -26,7 +27,7 @@ def readyz(db: StoreDep, settings: SettingsDep, _q: NoQueryDep) -> JSONResponse:
         db.ping()
         current = db.schema_is_current()
     except Exception as exc:
-        return error(503, f"store unavailable: {type(exc).__name__}")
+        return error(503, f"store unavailable: {describe(exc)}", {"Retry-After": "5"})
     if not current:
         return error(503, "store schema is not current: run `quarry db upgrade`")
     problem = broker_problem(settings) or redis_problem(settings)

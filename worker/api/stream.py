@@ -11,7 +11,8 @@ polling otherwise) and keeps a recent tail in memory that every client reads
 from its own cursor. Two hundred clients of a run cost one store query per
 wake-up, not two hundred. A client that starts (or resumes) behind the tail
 catches up from the store first. Tokens are re-checked every second through a
-shared cache, so a revoked token ends its streams.
+shared cache, so a revoked token ends its streams. While the store is
+unavailable (a restart, a failover) streams stay open and carry on after it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from worker.errors import StoreUnavailable
 from worker.models import TERMINAL_EVENTS
 from worker.notify import Wakeups
 from worker.store import Store
@@ -33,6 +35,8 @@ from worker.store.reads import entries_json
 #: Poll interval without Redis; with Redis, the safety-net poll.
 POLL_SECONDS = 0.25
 POLL_WITH_WAKEUPS_SECONDS = 2.0
+#: How often a feed tries the store again while it is unavailable.
+STORE_RETRY_SECONDS = 1.0
 #: How often a stream re-checks that its token is still live.
 TOKEN_CHECK_SECONDS = 1.0
 #: Entries read per store query.
@@ -108,11 +112,16 @@ class Feed:
             while not self.done:
                 if wake is not None:
                     wake.clear()
-                # Status first: a terminal status's entries are committed with it.
-                run = await run_in_threadpool(self.store.get_run, self.run_id)
-                batch = await run_in_threadpool(
-                    self.store.entry_dicts, self.run_id, after_id=self.cursor, limit=BATCH
-                )
+                try:
+                    # Status first: a terminal status's entries are committed with it.
+                    run = await run_in_threadpool(self.store.get_run, self.run_id)
+                    batch = await run_in_threadpool(
+                        self.store.entry_dicts, self.run_id, after_id=self.cursor, limit=BATCH
+                    )
+                except StoreUnavailable:
+                    # A restart or a failover: the streams stay open and carry on after it.
+                    await asyncio.sleep(STORE_RETRY_SECONDS)
+                    continue
                 if batch:
                     # Encoded once here, not once per client.
                     self.ids += [e["id"] for e in batch]
@@ -189,10 +198,13 @@ class Feeds:
     async def _check(self, secret: str, check: Callable[[], bool]) -> bool:
         try:
             live = await run_in_threadpool(check)
-            self._tokens[secret] = (live, time.monotonic())
-            return live
+        except StoreUnavailable:
+            # Nobody can revoke a token while the store is away: keep the last answer.
+            live = self._tokens.get(secret, (True, 0.0))[0]
         finally:
             del self._checking[secret]
+        self._tokens[secret] = (live, time.monotonic())
+        return live
 
 
 async def _pause(wake: asyncio.Event | None, interval: float) -> None:
@@ -236,7 +248,11 @@ async def entry_events(
             changed = feed.changed()  # taken before looking, so no change slips past
             if cursor < feed.floor:
                 # Behind the shared tail (a late or resuming client): catch up from the store.
-                batch = await run_in_threadpool(_catch_up, feeds, run_id, cursor, feed.floor)
+                try:
+                    batch = await run_in_threadpool(_catch_up, feeds, run_id, cursor, feed.floor)
+                except StoreUnavailable:
+                    await asyncio.sleep(STORE_RETRY_SECONDS)
+                    continue
                 if not batch:
                     cursor = feed.floor
                     continue

@@ -161,7 +161,13 @@ class StagedFile:
         return SliceStats(rows=self.rows, files=1, bytes=self.temp.stat().st_size)
 
     def publish(self) -> None:
-        """Rename over the final name: readers see the old file or the whole new one."""
+        """Rename over the final name: readers see the old file or the whole new one.
+
+        A second call (the checkpoint's transaction is retried after a store outage)
+        finds the file already in place and does nothing.
+        """
+        if self.final.exists() and not self.temp.exists():
+            return
         self.temp.replace(self.final)
 
     def discard(self) -> None:

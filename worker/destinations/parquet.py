@@ -276,7 +276,10 @@ class StagedParquet:
         return SliceStats(rows=self.rows, files=1, bytes=self.temp.stat().st_size)
 
     def publish(self) -> None:
-        """Rename over the final name: readers see the old file or the whole new one."""
+        """Rename over the final name: readers see the old file or the whole new one (a second
+        call, a checkpoint retried after a store outage, does nothing)."""
+        if self.final.exists() and not self.temp.exists():
+            return
         self.temp.replace(self.final)
 
     def discard(self) -> None:

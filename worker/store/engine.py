@@ -193,7 +193,13 @@ def unavailable_errors() -> tuple[type[Exception], ...]:
 def _store_unavailable(context: ExceptionContext) -> None:
     """``handle_error``: operational and interface errors (a restart, a failover, a refused
     connection, a locked file) become :class:`StoreUnavailable`, a Quarry error callers
-    catch without knowing the driver."""
+    catch without knowing the driver.
+
+    Not during the pool's pre-ping: a pooled connection that a database restart ended
+    must be found dead there and replaced, which SQLAlchemy does only with its own error.
+    """
+    if context.is_pre_ping:
+        return
     if context.is_disconnect or isinstance(
         context.sqlalchemy_exception, sa_exc.OperationalError | sa_exc.InterfaceError
     ):

@@ -1,0 +1,176 @@
+"""Infrastructure failures on real processes and real servers: PostgreSQL restarts mid-run.
+
+The PostgreSQL server here is the test's own (``services.PrivatePostgres``), stopped and
+started as an upgrade or a failover does it; the machine's shared server is not touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests.acceptance.harness import (
+    Cluster,
+    expected_rows,
+    serve_api,
+    temp_files,
+    wait_for,
+    written_rows,
+)
+from tests.acceptance.services import PrivatePostgres
+from worker import jsonfmt
+from worker.models import Status
+
+pytestmark = pytest.mark.acceptance
+
+SLICES = 30
+
+
+@pytest.fixture
+def pg() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    yield server
+    server.close()
+
+
+def _cluster(tmp_path: Path, pg: PrivatePostgres, broker_url: str, ttl: int) -> Cluster:
+    return Cluster(
+        tmp_path,
+        database_url=pg.url,
+        broker_url=broker_url,
+        lease_ttl_seconds=str(ttl),
+        lease_renew_seconds="1",
+    )
+
+
+class StreamReader(threading.Thread):
+    """One live-log client: every event of a run, from the start to its terminal event."""
+
+    def __init__(self, base: str, run_id: str, secret: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{base}/api/v1/action-runs/{run_id}/logs/stream"
+        self.headers = {"Authorization": f"Bearer {secret}"}
+        self.ids: list[int] = []
+        self.events: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with (
+                httpx.Client(timeout=httpx.Timeout(10, read=120)) as client,
+                connect_sse(client, "GET", self.url, headers=self.headers) as source,
+            ):
+                for sse in source.iter_sse():
+                    if not sse.data:  # a keep-alive comment (httpx-sse repeats the last id)
+                        continue
+                    self.ids.append(int(sse.id))
+                    self.events.append(str(jsonfmt.loads(sse.data)["event"]))
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def _slices_completed(cluster: Cluster, run_id: str) -> list[int]:
+    return sorted(
+        int(e.data["slice"]) for e in cluster.entries(run_id) if e.event == "slice_completed"
+    )
+
+
+def test_a_postgres_restart_mid_run_pauses_the_run_and_loses_nothing(
+    tmp_path: Path, pg: PrivatePostgres, redis_url: str
+) -> None:
+    """PostgreSQL stopped for a few seconds (less than the lease TTL) while a run is mid-way:
+    the run pauses and carries on under the same lease; every slice is committed once and
+    every entry the worker printed is stored; the API answers 503 with Retry-After and
+    /readyz says why; a live stream opened before the outage gets every entry once."""
+    cluster = _cluster(tmp_path, pg, redis_url, ttl=20)
+    api, base = serve_api(cluster.env, tmp_path / "api.log")
+    try:
+        _, secret = cluster.store.create_token("read")
+        headers = {"Authorization": f"Bearer {secret}"}
+        a = cluster.worker("a")
+        run_id = cluster.trigger("slow", page_latency_ms=100)
+        reader = StreamReader(base, run_id, secret)
+        reader.start()
+        wait_for(lambda: cluster.slices_done(run_id) >= 3, "three committed slices")
+        pg.stop()
+        try:
+            down = httpx.get(f"{base}/api/v1/action-runs", headers=headers, timeout=30)
+            assert down.status_code == 503, down.text
+            assert down.headers["content-type"].startswith("application/json")
+            assert int(down.headers["retry-after"]) > 0
+            assert "Traceback" not in down.text
+            ready = httpx.get(f"{base}/readyz", timeout=30)
+            assert ready.status_code == 503
+            assert ready.json()["error"]["message"].startswith("store unavailable: ")
+            time.sleep(3)  # the run's next commit meets the outage
+        finally:
+            pg.start()
+        run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+        assert run.status is Status.SUCCEEDED, run.error_summary
+        reader.join(timeout=60)
+        assert reader.error is None, reader.error
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+        cluster.close()
+    entries = cluster.entries(run_id)
+    # The same lease all along: no recovery, no second attempt, nothing interrupted.
+    assert run.attempt == 1
+    assert [e.event for e in entries if e.event == "lease_acquired"] == ["lease_acquired"]
+    assert _slices_completed(cluster, run_id) == list(range(1, SLICES + 1))
+    assert written_rows(cluster, "slow", run_id) == expected_rows(cluster, "slow")
+    assert temp_files(cluster) == []
+    # Every event the worker printed for the run was stored (the writer held them).
+    printed = [
+        line
+        for line in a.log().splitlines()
+        if f'"run_id":"{run_id}"' in line and '"event":' in line
+    ]
+    stored = {(e.event, e.message) for e in entries}
+    for line in printed:
+        record = jsonfmt.loads(line)
+        assert (record["event"], record["message"]) in stored, line
+    # The stream saw every stored entry once, in order, and closed at the end.
+    assert reader.ids == [e.id for e in entries]
+    assert reader.events[-1] == "run_completed"
+    out = a.log()
+    assert "paused until it is back" in out and "the run carries on" in out
+    assert "ERROR/" not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_an_outage_longer_than_the_lease_ends_in_the_normal_recovery(
+    tmp_path: Path, pg: PrivatePostgres, redis_url: str
+) -> None:
+    """PostgreSQL away for longer than the lease TTL: the holder gives the run up, the
+    watchdog recovers it once the database is back, and it completes with every slice once."""
+    cluster = _cluster(tmp_path, pg, redis_url, ttl=3)
+    try:
+        cluster.beat()
+        a = cluster.worker("a")
+        run_id = cluster.trigger("slow", page_latency_ms=60)
+        wait_for(lambda: cluster.slices_done(run_id) >= 3, "three committed slices")
+        pg.stop()
+        try:
+            time.sleep(8)
+        finally:
+            pg.start()
+        run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+        assert run.status is Status.SUCCEEDED, run.error_summary
+        assert run.attempt == 2
+        assert _slices_completed(cluster, run_id) == list(range(1, SLICES + 1))
+        assert written_rows(cluster, "slow", run_id) == expected_rows(cluster, "slow")
+        assert temp_files(cluster) == []
+        recoveries = [e for e in cluster.entries(run_id) if e.event == "watchdog_recovery"]
+        assert recoveries and recoveries[0].data["reason"].startswith("lease of a expired")
+    finally:
+        cluster.close()
+    # The worker said what happened in a few warnings: no ERROR, no traceback.
+    out = a.log()
+    assert "the lease is given up" in out
+    assert "ERROR/" not in out and "Traceback" not in out, out[-3000:]
