@@ -50,6 +50,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": broker,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # A broker outage of any length: workers and beat keep reconnecting (Celery gives
+        # up after 100 attempts by default).
+        "broker_connection_max_retries": None,
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.errors import IllegalTransition, InvalidInput, QuarryError
+from worker.errors import IllegalTransition, InvalidInput
 from worker.limits import check_json
 from worker.models import Event, Level, NewEntry, Run, Status, Trigger
 from worker.pipelines import Pipeline, get_pipeline, load_pipelines
-from worker.scrub import scrubber
+from worker.scrub import describe, scrubber
 from worker.settings import Settings
 from worker.sources import check_params
 from worker.store import Store
@@ -31,7 +31,8 @@ def trigger(
     gateway: str | None = None,
     triggered_by: str | None = None,
 ) -> Run:
-    """Create a queued run and publish its wake-up; a failed publish cancels the run.
+    """Create a queued run and publish its wake-up (a failed publish leaves it queued, with a
+    ``run_unpublished`` warning: the watchdog publishes it once the broker is back).
 
     The pipeline is validated first, and the params against its source's options, so a
     broken file or a bad ``--param`` fails here, not in a worker.
@@ -60,15 +61,27 @@ def trigger(
     try:
         publish(run.id)
     except Exception as exc:
-        store.transition(
-            run.id,
-            Status.QUEUED,
-            Status.CANCELLED,
-            error_summary=f"broker unreachable: {type(exc).__name__}",
-        )
-        msg = f"could not publish run {run.id}: broker unreachable ({scrubber.text(str(exc))})"
-        raise QuarryError(msg) from None
+        # Stored and queued: the watchdog publishes it once the broker is back (a queued run
+        # no worker took for queued_republish_seconds). Nothing is lost in a broker outage.
+        store.append_entries([_unpublished(run, exc, settings.queued_republish_seconds)])
     return run
+
+
+def _unpublished(run: Run, exc: BaseException, republish_seconds: float) -> NewEntry:
+    reason = describe(exc)
+    return NewEntry(
+        run_id=run.id,
+        level=Level.WARNING,
+        event=Event.RUN_UNPUBLISHED.value,
+        message=(
+            f"The broker is unreachable ({reason}): the run is stored and queued, and is "
+            f"published once the broker is back (within {republish_seconds:.0f}s of it)"
+        ),
+        occurred_at=datetime.now(UTC),
+        data={"error": reason},
+        worker_id=OPERATOR_ID,
+        attempt=run.attempt,
+    )
 
 
 def cancel(store: Store, run_id: str, *, force: bool = False, by: str | None = None) -> Run:

@@ -108,6 +108,7 @@ class Event(enum.StrEnum):
     SOURCE_RETRY = "source_retry"
     RUN_RETRY = "run_retry"
     RUN_WAITING = "run_waiting"
+    RUN_UNPUBLISHED = "run_unpublished"
     RUN_CLEANUP_FAILED = "run_cleanup_failed"
 
 

@@ -12,14 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import redis
 import redis.asyncio as aioredis
 
+from worker.scrub import describe
+
 #: The pub/sub channel; each message is one run id.
 CHANNEL = "quarry:entries"
 
+#: After a failed publish, wake-ups are not published for this long.
+PAUSE_SECONDS = 5.0
 #: Longest wait between two attempts to subscribe again.
 MAX_RETRY_SECONDS = 30.0
 
@@ -27,19 +32,41 @@ log = logging.getLogger("quarry.notify")
 
 
 class Publisher:
-    """Announces, after commit, the runs that got new entries."""
+    """Announces, after commit, the runs that got new entries.
+
+    While Redis is away, a commit does not wait on it: after a failed publish the
+    next ones are skipped for :data:`PAUSE_SECONDS` (streams poll meanwhile), and
+    the outage is one warning, not one per commit.
+    """
 
     def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
         self._client = client or redis.Redis.from_url(
             url, socket_timeout=1, socket_connect_timeout=1
         )
+        self._paused_until = 0.0
+        self._failing = False
 
     def __call__(self, run_ids: Iterable[str]) -> None:
-        """Publish each run id once."""
-        with self._client.pipeline(transaction=False) as pipe:
-            for run_id in run_ids:
-                pipe.publish(CHANNEL, run_id)
-            pipe.execute()
+        """Publish each run id once (nothing while paused after a failure)."""
+        if time.monotonic() < self._paused_until:
+            return
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.publish(CHANNEL, run_id)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._paused_until = time.monotonic() + PAUSE_SECONDS
+            if not self._failing:
+                log.warning(
+                    "stream wake-ups cannot be published (%s); streams poll until Redis is back",
+                    describe(exc),
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("stream wake-ups published again")
+        self._failing = False
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -11,7 +11,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.acceptance.harness import free_port
+import redis
+
+from tests.acceptance.harness import free_port, wait_for
 from tests.conftest import require
 
 
@@ -82,3 +84,50 @@ class PrivatePostgres:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A Redis server of its own on a free port, no persistence: :meth:`stop` is an outage
+    (the process is gone, connections refused), :meth:`start` brings it back empty."""
+
+    def __init__(self, root: Path) -> None:
+        if shutil.which("redis-server") is None:
+            require("redis-server", RuntimeError("redis-server is not installed"))
+        self.port = free_port()
+        self.root = root
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the server and wait until it answers."""
+        log = (self.root / f"redis-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            wait_for(lambda: _pings(client), "the private Redis to answer", 30)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop the server at once (SIGKILL: an outage, not a shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Stop the server."""
+        self.stop()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -1,7 +1,8 @@
-"""Infrastructure failures on real processes and real servers: PostgreSQL restarts mid-run.
+"""Infrastructure failures on real processes and real servers: PostgreSQL restarts mid-run,
+a broker outage.
 
-The PostgreSQL server here is the test's own (``services.PrivatePostgres``), stopped and
-started as an upgrade or a failover does it; the machine's shared server is not touched.
+The servers stopped here are the test's own (``services``), stopped and started as an
+upgrade, a failover or a crash does it; the machine's shared servers are not touched.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.acceptance.harness import (
     wait_for,
     written_rows,
 )
-from tests.acceptance.services import PrivatePostgres
+from tests.acceptance.services import PrivatePostgres, PrivateRedis
 from worker import jsonfmt
 from worker.models import Status
 
@@ -174,3 +175,53 @@ def test_an_outage_longer_than_the_lease_ends_in_the_normal_recovery(
     out = a.log()
     assert "the lease is given up" in out
     assert "ERROR/" not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_url: str) -> None:
+    """Redis (broker and stream wake-ups) killed for a while: the running run goes on; a
+    run triggered meanwhile is stored, queued and run once Redis is back; a live stream
+    keeps delivering (it polls); the worker and beat reconnect by themselves."""
+    redis_server = PrivateRedis(tmp_path)
+    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_server.url)
+    api, base = serve_api(cluster.env, tmp_path / "api.log")
+    try:
+        _, secret = cluster.store.create_token("operator")
+        headers = {"Authorization": f"Bearer {secret}"}
+        beat = cluster.beat()
+        a = cluster.worker("a")
+        first = cluster.trigger("slow", page_latency_ms=100)
+        wait_for(lambda: cluster.slices_done(first) >= 2, "two committed slices")
+        reader = StreamReader(base, first, secret)
+        reader.start()
+        redis_server.stop()
+        try:
+            done = cluster.slices_done(first)
+            wait_for(lambda: cluster.slices_done(first) >= done + 3, "slices during the outage")
+            made = httpx.post(
+                f"{base}/api/v1/action-runs",
+                json={"pipeline": "small"},
+                headers=headers,
+                timeout=60,
+            )
+            assert made.status_code == 201, made.text
+            second = made.json()["id"]
+            assert cluster.store.get_run(second).status is Status.QUEUED
+            wait_for(lambda: len(reader.ids) > done + 3, "the stream to deliver during the outage")
+        finally:
+            redis_server.start()
+        for run_id in (first, second):
+            run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+            assert run.status is Status.SUCCEEDED, run.error_summary
+        reader.join(timeout=60)
+        assert reader.error is None, reader.error
+        assert a.proc.poll() is None and beat.proc.poll() is None  # never restarted
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+        cluster.close()
+        redis_server.close()
+    assert _slices_completed(cluster, first) == list(range(1, SLICES + 1))
+    assert reader.ids == [e.id for e in cluster.entries(first)]
+    events = [e.event for e in cluster.entries(second)]
+    assert events[0] == "run_unpublished"
+    assert events.count("lease_acquired") == 1

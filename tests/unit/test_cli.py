@@ -169,19 +169,20 @@ def test_unreachable_database_is_reported_without_its_password(env: dict[str, st
     assert "Traceback" not in result.stderr
 
 
-def test_unreachable_broker_cancels_the_run_it_could_not_publish(env: dict[str, str]) -> None:
-    """If the broker cannot take the message, the run is not left queued forever."""
+def test_unreachable_broker_keeps_the_run_queued_for_the_watchdog(env: dict[str, str]) -> None:
+    """If the broker cannot take the message, the run stays stored and queued, with a warning
+    that says so (scrubbed); the watchdog publishes it once the broker is back."""
     store, _ = seeded_store(env)
     env = {**env, "QUARRY_BROKER_URL": "redis://:pw-canary-88@127.0.0.1:1/0"}
     result = quarry(env, "runs", "trigger", "demo")
-    assert result.returncode == 1
-    assert "broker unreachable" in result.stderr
+    assert result.returncode == 0, result.stderr
     assert "pw-canary-88" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     newest = store.list_runs(limit=1)[0]
-    assert newest.status is Status.CANCELLED
-    assert newest.error_summary is not None
-    assert "broker unreachable" in newest.error_summary
+    assert newest.status is Status.QUEUED
+    (warning,) = [e for e in store.entries(newest.id) if e.event == "run_unpublished"]
+    assert warning.message.startswith("The broker is unreachable (")
+    assert "pw-canary-88" not in warning.message
 
 
 def test_invalid_setting_names_the_variable(env: dict[str, str]) -> None:
@@ -216,7 +217,7 @@ def test_logs_export_writes_every_entry_as_jsonl(env: dict[str, str], tmp_path: 
 
 
 def test_unreachable_broker_with_webhooks_is_one_line(env: dict[str, str]) -> None:
-    """With webhooks configured, a failed publish still prints one error line, no traceback."""
+    """With webhooks configured, a failed publish still prints one warning line, no traceback."""
     seeded_store(env)
     env = {
         **env,
@@ -224,10 +225,11 @@ def test_unreachable_broker_with_webhooks_is_one_line(env: dict[str, str]) -> No
         "QUARRY_WEBHOOK_URLS": "http://127.0.0.1:1/hook",
     }
     result = quarry(env, "runs", "trigger", "demo")
-    assert result.returncode == 1
+    assert result.returncode == 0
     assert "Traceback" not in result.stderr
     assert "pw-canary-89" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    assert "warning: The broker is unreachable (" in result.stderr
 
 
 def test_store_values_print_as_plain_text(env: dict[str, str]) -> None:

@@ -18,7 +18,7 @@ from worker.cli.common import (
     parse_params,
     print_json,
 )
-from worker.models import Status
+from worker.models import Event, Status
 from worker.publish import publish_run
 from worker.settings import get_settings
 from worker.store import Store
@@ -59,6 +59,9 @@ def runs_trigger(
     params = parse_params(param or [])
     store = open_store()
     run_id = trigger_run(store, pipeline, params)
+    for entry in store.entries(run_id, limit=10):
+        if entry.event == Event.RUN_UNPUBLISHED:  # said on stderr: stdout stays the result
+            err.print(f"warning: {entry.message}", markup=False)
     if not follow_:
         if as_json:
             print_json(store.get_run(run_id).as_dict())
