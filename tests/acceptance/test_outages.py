@@ -1,5 +1,5 @@
 """Infrastructure failures on real processes and real servers: PostgreSQL restarts mid-run,
-a broker outage.
+a broker outage, a full disk under the files destination.
 
 The servers stopped here are the test's own (``services``), stopped and started as an
 upgrade, a failover or a crash does it; the machine's shared servers are not touched.
@@ -7,6 +7,10 @@ upgrade, a failover or a crash does it; the machine's shared servers are not tou
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ from tests.acceptance.harness import (
     written_rows,
 )
 from tests.acceptance.services import PrivatePostgres, PrivateRedis
+from tests.conftest import require
 from worker import jsonfmt
 from worker.models import Status
 
@@ -225,3 +230,54 @@ def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_ur
     events = [e.event for e in cluster.entries(second)]
     assert events[0] == "run_unpublished"
     assert events.count("lease_acquired") == 1
+
+
+@contextlib.contextmanager
+def small_disk(target: Path) -> Iterator[Path]:
+    """A 64 KiB filesystem (tmpfs) mounted at ``target``: full after a few slice files
+    (each takes at least a 4 KiB page)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        require("mounting a tmpfs", RuntimeError("needs root and mount"))
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+def test_a_full_disk_fails_the_slice_cleanly(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+    """The files destination runs out of space mid-run: the slice fails with a clear error,
+    leaves no partial file, and the run ends run_failed; every file it did publish is whole."""
+    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cluster.close)
+        stack.enter_context(small_disk(cluster.data_dir / "output"))
+        a = cluster.worker("a")
+        run_id = cluster.trigger("slow")
+        run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+        assert run.status is Status.FAILED
+        assert run.error_summary is not None
+        # The file it could not write and why, in one line.
+        assert run.error_summary.startswith(
+            f"cannot write slice file {cluster.data_dir / 'output' / 'slow'}/"
+        ), run.error_summary
+        assert run.error_summary.endswith(": No space left on device (errno 28)")
+        entries = cluster.entries(run_id)
+        failed = [e for e in entries if e.event == "resource_failed"]
+        assert len(failed) == 1 and "No space left on device" in failed[0].message
+        assert entries[-1].event == "run_failed"
+        assert temp_files(cluster) == []
+        # What was published is whole and checkpointed: the committed slices' files only.
+        written = written_rows(cluster, "slow", run_id)  # every file reads to its end
+        expected = expected_rows(cluster, "slow")
+        assert written and all(written[name] == expected[name] for name in written)
+        done = {e.data["slice"] for e in entries if e.event == "slice_completed"}
+        assert {n for n in written if n.startswith("events/")} == {
+            f"events/events-{i:05d}.jsonl.gz" for i in done
+        }
+        assert a.proc.poll() is None  # the worker lives on

@@ -149,15 +149,21 @@ class StagedFile:
                 msg = f"row {self.rows + len(lines) + 1} cannot be serialised: {exc}"
                 raise DestinationError(msg) from None
         if lines:
-            self._gzip.write(("\n".join(lines) + "\n").encode("utf-8"))
+            try:
+                self._gzip.write(("\n".join(lines) + "\n").encode("utf-8"))
+            except OSError as exc:
+                raise write_failed(self.final, exc) from None
             self.rows += len(lines)
 
     def seal(self) -> SliceStats:
         """Close the gzip stream and fsync the temporary file."""
-        self._gzip.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
+        try:
+            self._gzip.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+        except OSError as exc:
+            raise write_failed(self.final, exc) from None
         return SliceStats(rows=self.rows, files=1, bytes=self.temp.stat().st_size)
 
     def publish(self) -> None:
@@ -177,6 +183,14 @@ class StagedFile:
         with contextlib.suppress(OSError):
             self._raw.close()
         self.temp.unlink(missing_ok=True)
+
+
+def write_failed(final: Path, exc: OSError) -> DestinationError:
+    """A slice file that cannot be written (a full disk, a lost mount), said plainly; retryable,
+    since the space may be freed before the next attempt."""
+    what = exc.strerror or str(exc)
+    msg = f"cannot write slice file {final}: {what} (errno {exc.errno})"
+    return DestinationError(msg, retryable=True)
 
 
 #: The directory under ``root/<pipeline>`` whose links name each resource's current set.

@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from worker.destinations.base import SliceStats
-from worker.destinations.files import fsync_path, temp_path
+from worker.destinations.files import fsync_path, temp_path, write_failed
 from worker.errors import DestinationError, first_line
 from worker.models import Event
 from worker.runlog import Logger
@@ -268,11 +268,16 @@ class StagedParquet:
         except _ARROW_ERRORS as exc:
             msg = f"{self.final.name}: cannot write Parquet: {first_line(exc)}"
             raise DestinationError(msg) from None
-        fd = os.open(self.temp, os.O_RDONLY)
+        except OSError as exc:
+            raise write_failed(self.final, exc) from None
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise write_failed(self.final, exc) from None
         return SliceStats(rows=self.rows, files=1, bytes=self.temp.stat().st_size)
 
     def publish(self) -> None:
