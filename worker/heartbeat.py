@@ -198,7 +198,10 @@ class Heartbeat:
         }
         try:
             self.store.append_sample(
-                self.lease.run_id, values, cap=self.settings.telemetry_max_samples
+                self.lease.run_id,
+                values,
+                cap=self.settings.telemetry_max_samples,
+                epoch=self.lease.epoch,
             )
         except StoreUnavailable:
             pass  # the renew says so, once per outage; a sample is not worth more lines

@@ -469,3 +469,16 @@ def test_an_unreachable_store_raises_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="unable to open database file"):
         unopenable.get_run("run_x")
     unopenable.close()
+
+
+def test_a_sample_is_fenced_by_its_lease_epoch(store: Store) -> None:
+    """A heartbeat's telemetry point is written while its epoch holds the run, and refused
+    once the run was taken over (a worker back from a partition writes nothing)."""
+    run = store.create_run("p")
+    lease = store.acquire(run.id, "w", 30)
+    assert isinstance(lease, Lease)
+    assert store.append_sample(run.id, {"rows_loaded": 1}, epoch=lease.epoch) is True
+    testing.expire_lease(store, run.id)
+    assert store.transition(run.id, Status.RUNNING, Status.QUEUED, expected_epoch=lease.epoch)
+    assert store.append_sample(run.id, {"rows_loaded": 2}, epoch=lease.epoch) is False
+    assert [values["rows_loaded"] for _, values in store.samples(run.id)] == [1]

@@ -6,10 +6,10 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from worker.store.engine import aware
-from worker.store.tables import log_entries, telemetry_samples
+from worker.store.tables import log_entries, runs, telemetry_samples
 
 
 class MaintenanceQueries:
@@ -21,11 +21,31 @@ class MaintenanceQueries:
         raise NotImplementedError
 
     def append_sample(
-        self, run_id: str, values: dict[str, Any], *, at: datetime | None = None, cap: int = 2000
-    ) -> None:
-        """Add a telemetry point; past ``cap`` every other point is dropped, ends kept."""
+        self,
+        run_id: str,
+        values: dict[str, Any],
+        *,
+        at: datetime | None = None,
+        cap: int = 2000,
+        epoch: int | None = None,
+    ) -> bool:
+        """Add a telemetry point; past ``cap`` every other point is dropped, ends kept.
+
+        With ``epoch`` the point is fenced like a log entry: written only while that lease
+        epoch holds the run (a worker cut off past its lease writes nothing when it is back).
+        Returns whether it was written.
+        """
         with self._transaction() as conn:
+            if epoch is not None:
+                held = conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id, runs.c.lease_epoch == epoch)
+                    .values(lease_epoch=runs.c.lease_epoch)
+                ).rowcount
+                if held != 1:
+                    return False
             self._append_sample(conn, run_id, values, at=at, cap=cap)
+        return True
 
     @staticmethod
     def _append_sample(
