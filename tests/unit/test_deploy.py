@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shlex
 import shutil
@@ -400,6 +401,25 @@ def test_compose_file_passes_compose_config() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    # The rabbitmq profile: a RabbitMQ service, and every Quarry service on the URL given.
+    amqp = "amqp://quarry:quarry@rabbitmq:5672//"
+    with_rabbitmq = subprocess.run(
+        [*argv, "-f", "docker-compose.yml", "--profile", "rabbitmq", "config"],
+        cwd=DEPLOY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "QUARRY_BROKER_URL": amqp},
+    )
+    assert with_rabbitmq.returncode == 0, with_rabbitmq.stderr
+    services = yaml.safe_load(with_rabbitmq.stdout)["services"]
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:")
+    quarry = [
+        name for name, svc in services.items() if "QUARRY_BROKER_URL" in svc.get("environment", {})
+    ]
+    assert {"api", "beat", "migrate"} <= set(quarry)
+    assert {services[name]["environment"]["QUARRY_BROKER_URL"] for name in quarry} == {amqp}
 
 
 # -- Prometheus and Grafana ---------------------------------------------------------------
