@@ -45,9 +45,11 @@ ifeq ($(BENCH_ARGS)$(BENCH_SKIP_CONSOLE),)
 endif
 endif
 
-## chaos: 20 runs x 50 slices across three workers under random signals and Redis restarts
+## chaos: 20 runs x 50 slices across three workers under random signals, PostgreSQL restarts,
+## broker outages and partitions, on Redis then on RabbitMQ (CHAOS_ARGS: --runs, --minutes, --seed)
 chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
+	$(BIN)/python -m tests.chaos.run --broker redis $(CHAOS_ARGS)
+	$(BIN)/python -m tests.chaos.run --broker amqp $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .quarry .mypy_cache .pytest_cache .ruff_cache

@@ -1,10 +1,11 @@
-"""A TCP proxy the test controls: a network partition between one process and a real server.
+"""A TCP proxy the test controls, between processes and a real server: partitions and outages.
 
 Each connection through the proxy is relayed by two threads. :meth:`TcpProxy.partition`
 stops relaying in both directions and stops accepting: bytes stay in the kernel's
 buffers and nothing answers, as when packets are dropped, so the process behind it
 sees silence, not a closed connection. :meth:`TcpProxy.heal` relays again, and what
-was held flows on, as after a partition that TCP rode out.
+was held flows on, as after a partition that TCP rode out. :meth:`TcpProxy.cut` is an
+outage instead: connections closed, new ones refused, until :meth:`TcpProxy.restore`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,26 @@ import contextlib
 import select
 import socket
 import threading
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
+
+
+def target_of(url: str) -> tuple[str, int]:
+    """The host and port a store or broker URL points at."""
+    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
+    return parts.hostname or "127.0.0.1", int(parts.port or 0)
+
+
+def through(url: str, proxy: TcpProxy) -> str:
+    """``url`` with its host and port replaced by the proxy's (credentials kept)."""
+    if url.startswith("postgresql"):
+        moved = make_url(url).set(host="127.0.0.1", port=proxy.port)
+        return moved.render_as_string(hide_password=False)
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@127.0.0.1:{proxy.port}" if auth else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class TcpProxy:
@@ -20,17 +41,35 @@ class TcpProxy:
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.settimeout(0.1)
-        self.port = int(self._listener.getsockname()[1])
+        self.port = 0
         self._held = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+        self._listen()
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        listener.settimeout(0.1)
+        self.port = int(listener.getsockname()[1])
+        self._listener = listener
+        threading.Thread(
+            target=self._accept, args=(listener,), name="proxy-accept", daemon=True
+        ).start()
+
+    def cut(self) -> None:
+        """An outage: every relayed connection is closed and new ones are refused, until
+        :meth:`restore` (the server behind is untouched)."""
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self._close_relayed()
+
+    def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        self._listen()
 
     def partition(self) -> None:
         """Relay nothing and accept nothing until :meth:`heal`."""
@@ -46,20 +85,28 @@ class TcpProxy:
         self._held.clear()
         with contextlib.suppress(OSError):
             self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
+        self._close_relayed()
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
+    def _close_relayed(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._closed.is_set() and listener.fileno() != -1:
             if self._held.is_set():  # connection attempts wait in the backlog, unanswered
                 self._closed.wait(0.05)
                 continue
             try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
+                client, _ = listener.accept()
+            except TimeoutError:
                 continue
+            except OSError:
+                return  # closed: cut() or close()
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.acceptance.harness import (
     Cluster,
@@ -18,22 +16,10 @@ from tests.acceptance.harness import (
     wait_for,
     written_rows,
 )
-from tests.acceptance.proxy import TcpProxy
+from tests.acceptance.proxy import TcpProxy, target_of, through
 from worker.models import Status
 
 pytestmark = pytest.mark.acceptance
-
-
-def _through(url: str, proxy: TcpProxy) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    if url.startswith("postgresql"):
-        return (
-            make_url(url)
-            .set(host="127.0.0.1", port=proxy.port)
-            .render_as_string(hide_password=False)
-        )
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}"))
 
 
 def test_a_partitioned_worker_is_fenced_and_goes_back_to_work(
@@ -43,15 +29,13 @@ def test_a_partitioned_worker_is_fenced_and_goes_back_to_work(
     watchdog and b take the run over; when the partition heals, a writes nothing more to
     the store or the output, says so in its own log, and then takes new work."""
     cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
-    pg_target, redis_target = make_url(pg_url), urlsplit(redis_url)
-    to_pg = TcpProxy(pg_target.host or "127.0.0.1", pg_target.port or 5432)
-    to_redis = TcpProxy(redis_target.hostname or "127.0.0.1", redis_target.port or 6379)
+    to_pg, to_redis = TcpProxy(*target_of(pg_url)), TcpProxy(*target_of(redis_url))
     try:
         cluster.beat()
         env = {
             **cluster.env,
-            "QUARRY_DATABASE_URL": _through(pg_url, to_pg),
-            "QUARRY_BROKER_URL": _through(redis_url, to_redis),
+            "QUARRY_DATABASE_URL": through(pg_url, to_pg),
+            "QUARRY_BROKER_URL": through(redis_url, to_redis),
         }
         a = WorkerProcess(env, "a", tmp_path)
         cluster.workers.append(a)

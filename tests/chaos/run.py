@@ -1,10 +1,16 @@
 """``make chaos``: many runs across three workers while a driver keeps breaking things.
 
 Faults: SIGTERM (main process, process group, one child), SIGKILL (child, whole
-worker), SIGSTOP past the lease then SIGCONT, rolling restarts, Redis restarts.
+worker), SIGSTOP past the lease then SIGCONT, rolling restarts, PostgreSQL
+restarts (a server of its own, stopped and started), broker outages (every
+process's broker connection cut and refused for a while, through a proxy),
+network partitions of one worker from PostgreSQL and the broker past its lease,
+and on Redis, Redis restarts that lose every message. ``--broker redis|amqp``
+picks the broker (``make chaos`` runs both).
+
 It ends with every run checked: succeeded, no slice lost, no row or file twice,
 every ``run_interrupted`` followed by a resume, and a table of faults and
-recovery times. Exit status 0 only when every check holds.
+recovery times per fault. Exit status 0 only when every check holds.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,8 +28,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-from sqlalchemy import create_engine, text
 
 from tests.acceptance.harness import (
     Cluster,
@@ -34,11 +37,12 @@ from tests.acceptance.harness import (
     temp_files,
     written_rows,
 )
-from worker.models import Entry, Status
+from tests.acceptance.proxy import TcpProxy, target_of, through
+from tests.acceptance.services import PrivatePostgres
+from worker.errors import StoreUnavailable
+from worker.models import Entry, Run, Status
 
-PG_ADMIN = os.environ.get(
-    "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+AMQP_URL = os.environ.get("QUARRY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 PIPELINE = """
 [pipelines.chaos]
@@ -51,7 +55,10 @@ resources = [
 ]
 """
 SLICES = 50
-HARD = {"sigkill_child", "sigkill_worker", "sigstop"}
+#: Faults that may cost a committed slice (the process dies or is cut off mid-commit).
+HARD = {"sigkill_child", "sigkill_worker", "sigstop", "partition"}
+#: Faults of the infrastructure: every running run is affected.
+INFRA = {"pg_restart", "broker_outage", "redis_restart"}
 
 
 @dataclass
@@ -59,7 +66,8 @@ class Faults:
     """What the driver did, and when, per run."""
 
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
-    hard_stops: list[tuple[str, float]] = field(default_factory=list)  # (run_id, wall time)
+    #: (fault, run_id, wall time) for every run a fault hit.
+    hits: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 class RedisServer:
@@ -97,44 +105,63 @@ class RedisServer:
         self.proc.wait(timeout=10)
 
 
-def fresh_database() -> str:
-    """A new PostgreSQL database for this chaos run."""
-    name = f"quarry_chaos_{os.getpid()}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-
-
 class Driver:
     """Keeps three workers alive and injects faults at random."""
 
-    def __init__(self, cluster: Cluster, redis: RedisServer, rng: random.Random) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        pg: PrivatePostgres,
+        broker: TcpProxy,
+        redis: RedisServer | None,
+        rng: random.Random,
+    ) -> None:
         self.cluster = cluster
+        self.pg = pg
+        self.broker = broker  # every process's way to the broker: cut for an outage
         self.redis = redis
         self.rng = rng
         self.faults = Faults()
         self.serial = 0
         self.workers: list[WorkerProcess] = []
+        #: Each worker's own proxies to the store and the broker: held for a partition.
+        self.links: dict[str, tuple[TcpProxy, TcpProxy]] = {}
         for _ in range(3):
             self.spawn()
 
     def spawn(self) -> WorkerProcess:
-        """Start a replacement worker."""
+        """Start a replacement worker, behind proxies of its own."""
         self.serial += 1
-        w = self.cluster.worker(f"w{self.serial}")
+        name = f"w{self.serial}"
+        store_url, broker_url = (
+            self.cluster.env["QUARRY_DATABASE_URL"],
+            self.cluster.env["QUARRY_BROKER_URL"],
+        )
+        to_pg, to_broker = TcpProxy(*target_of(store_url)), TcpProxy(*target_of(broker_url))
+        env = {
+            **self.cluster.env,
+            "QUARRY_DATABASE_URL": through(store_url, to_pg),
+            "QUARRY_BROKER_URL": through(broker_url, to_broker),
+        }
+        w = WorkerProcess(env, name, self.cluster.tmp_path)
+        self.cluster.workers.append(w)
         self.workers.append(w)
+        self.links[name] = (to_pg, to_broker)
         return w
+
+    def close(self) -> None:
+        """Close every worker's proxies."""
+        for to_pg, to_broker in self.links.values():
+            to_pg.close()
+            to_broker.close()
 
     def held_by(self, w: WorkerProcess) -> list[str]:
         """Runs this worker holds a lease on."""
-        return [
-            r.id
-            for r in self.cluster.store.list_runs(status=Status.RUNNING, limit=200)
-            if r.lease_owner == w.name
-        ]
+        return [r.id for r in self.running() if r.lease_owner == w.name]
+
+    def running(self) -> list[Run]:
+        """Every running run."""
+        return self.cluster.store.list_runs(status=Status.RUNNING, limit=200)
 
     def reap(self) -> None:
         """Replace workers that exited."""
@@ -150,14 +177,29 @@ class Driver:
 
     def inject(self) -> None:
         """One random fault."""
-        kind = self.rng.choice(
-            ["sigterm_main", "sigterm_group", "sigterm_child", "sigkill_child", "sigkill_worker",
-             "sigstop", "rolling_restart", "redis_restart"]
-        )  # fmt: skip
-        if kind == "redis_restart":
-            if self.faults.counts[kind] >= 2:
+        kinds = ["sigterm_main", "sigterm_group", "sigterm_child", "sigkill_child",
+                 "sigkill_worker", "sigstop", "rolling_restart", "pg_restart", "broker_outage",
+                 "partition"]  # fmt: skip
+        if self.redis is not None:
+            kinds.append("redis_restart")
+        kind = self.rng.choice(kinds)
+        ttl = float(self.cluster.env["QUARRY_LEASE_TTL_SECONDS"])
+        if kind in INFRA:
+            if self.faults.counts[kind] >= 3:
                 return
-            self.redis.restart()
+            now = time.time()
+            hit = [r.id for r in self.running()]
+            if kind == "redis_restart" and self.redis is not None:
+                self.redis.restart()
+            elif kind == "pg_restart":
+                self.pg.stop()
+                time.sleep(self.rng.uniform(1.0, ttl + 2))  # sometimes past the lease
+                self.pg.start()
+            else:
+                self.broker.cut()
+                time.sleep(self.rng.uniform(3.0, 15.0))
+                self.broker.restore()
+            self.faults.hits += [(kind, r, now) for r in hit]
             self.faults.counts[kind] += 1
             return
         if kind == "rolling_restart":
@@ -187,27 +229,32 @@ class Driver:
             w.signal_group(signal.SIGKILL)
         elif kind == "sigstop":
             w.signal_group(signal.SIGSTOP)
-            time.sleep(float(self.cluster.env["QUARRY_LEASE_TTL_SECONDS"]) + 2)
+            time.sleep(ttl + 2)
             w.signal_group(signal.SIGCONT)
-        if kind in HARD:
-            self.faults.hard_stops += [(r, now) for r in runs]
+        elif kind == "partition":
+            links = self.links[w.name]
+            for proxy in links:
+                proxy.partition()
+            time.sleep(ttl + 3)
+            for proxy in links:
+                proxy.heal()
+        self.faults.hits += [(kind, r, now) for r in runs]
         self.faults.counts[kind] += 1
 
 
-def recovery_times(
-    entries: list[Entry], hard_stops: list[float]
-) -> tuple[list[float], list[float]]:
-    """Seconds from each interruption (graceful) or hard stop to the next lease_acquired."""
-    acquired = [e.occurred_at.timestamp() for e in entries if e.event == "lease_acquired"]
-    graceful = [e.occurred_at.timestamp() for e in entries if e.event == "run_interrupted"]
-
-    def next_after(t: float) -> float | None:
-        later = [a for a in acquired if a > t]
-        return min(later) - t if later else None
-
-    g = [d for t in graceful if (d := next_after(t)) is not None]
-    h = [d for t in hard_stops if (d := next_after(t)) is not None]
-    return g, h
+def recovery_times(entries: list[Entry], hits: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """Per fault: seconds from the fault to the run's next ``lease_acquired``, for the faults
+    that took the run from its holder (the next acquire comes before the next fault on the
+    run). A fault the run rode out in place (a short store outage) has no recovery."""
+    acquired = sorted(e.occurred_at.timestamp() for e in entries if e.event == "lease_acquired")
+    ordered = sorted(hits, key=lambda hit: hit[1])
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for i, (kind, at) in enumerate(ordered):
+        following = ordered[i + 1][1] if i + 1 < len(ordered) else float("inf")
+        later = [a for a in acquired if at < a < following]
+        if later:
+            times[kind].append(later[0] - at)
+    return times
 
 
 def percentile(values: list[float], q: float) -> str:
@@ -225,49 +272,67 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=6.0, help="give up after this long")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--latency", type=float, default=25.0, help="ms per page")
+    parser.add_argument("--broker", choices=["redis", "amqp"], default="redis")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="quarry-chaos-"))
-    redis = RedisServer()
+    pg = PrivatePostgres()
+    redis = RedisServer() if args.broker == "redis" else None
+    target = f"redis://127.0.0.1:{redis.port}/0" if redis is not None else AMQP_URL
+    broker = TcpProxy(*target_of(target))
     cluster = Cluster(
         tmp,
-        database_url=fresh_database(),
-        broker_url=f"redis://127.0.0.1:{redis.port}/0",
+        database_url=pg.url,
+        broker_url=through(target, broker),
         max_attempts="50",
         lease_ttl_seconds="4",
         queued_republish_seconds="5",
     )
     cluster.pipelines_file.write_text(PIPELINE.format(latency=args.latency))
-    print(f"chaos: {args.runs} runs x {SLICES} slices, 3 workers, seed {args.seed}, logs in {tmp}")
+    print(
+        f"chaos on {args.broker}: {args.runs} runs x {SLICES} slices, 3 workers, "
+        f"seed {args.seed}, logs in {tmp}"
+    )
     started = time.time()
+    driver: Driver | None = None
     try:
         cluster.beat()
-        driver = Driver(cluster, redis, rng)
+        driver = Driver(cluster, pg, broker, redis, rng)
         run_ids = [cluster.trigger("chaos") for _ in range(args.runs)]
         deadline = started + args.minutes * 60
         while time.time() < deadline:
-            runs = [cluster.store.get_run(r) for r in run_ids]
-            if all(r.status.terminal for r in runs):
-                break
-            time.sleep(rng.uniform(1.5, 4.0))
-            driver.inject()
-            driver.reap()
+            try:
+                runs = [cluster.store.get_run(r) for r in run_ids]
+                if all(r.status.terminal for r in runs):
+                    break
+                time.sleep(rng.uniform(1.5, 4.0))
+                driver.inject()
+                driver.reap()
+            except StoreUnavailable:
+                time.sleep(1)  # the driver's own reads during a store restart
         return report(cluster, driver, run_ids, time.time() - started)
     finally:
         cluster.close()
-        redis.stop()
+        if driver is not None:
+            driver.close()
+        broker.close()
+        if redis is not None:
+            redis.stop()
+        pg.close()
 
 
 def report(cluster: Cluster, driver: Driver, run_ids: list[str], elapsed: float) -> int:
     """Check every run and print the table."""
     problems: list[str] = []
     expected = expected_rows(cluster, "chaos")
-    graceful_all: list[float] = []
-    hard_all: list[float] = []
+    recovery: dict[str, list[float]] = collections.defaultdict(list)
     restarted_partial = committed_redone = interrupted = resumed = 0
     for run_id in run_ids:
         run = cluster.store.get_run(run_id)
         entries = cluster.entries(run_id)
+        hits = [(kind, t) for kind, r, t in driver.faults.hits if r == run_id]
+        for kind, times in recovery_times(entries, hits).items():
+            recovery[kind] += times
         if run.status is not Status.SUCCEEDED:
             problems.append(f"{run_id} ended {run.status.value}: {run.error_summary}")
             continue
@@ -295,10 +360,6 @@ def report(cluster: Cluster, driver: Driver, run_ids: list[str], elapsed: float)
                 resumed += 1
             else:
                 problems.append(f"{run_id}: run_interrupted at entry {stop.id} never resumed")
-        hard = [t for r, t in driver.faults.hard_stops if r == run_id]
-        g, h = recovery_times(entries, hard)
-        graceful_all += g
-        hard_all += h
     if temp_files(cluster):
         problems.append(f"half-written temp files left: {temp_files(cluster)[:3]}")
     hard_kills = sum(driver.faults.counts[k] for k in HARD)
@@ -306,33 +367,28 @@ def report(cluster: Cluster, driver: Driver, run_ids: list[str], elapsed: float)
         problems.append(f"{committed_redone} committed slices redone > {hard_kills} hard kills")
 
     print(f"\nfinished in {elapsed:.0f}s\n")
-    print(f"{'fault':<20}{'injected':>9}")
+    print(f"{'fault':<20}{'injected':>9}{'recovered':>11}{'p50':>9}{'p95':>9}")
     for kind, count in sorted(driver.faults.counts.items()):
-        print(f"{kind:<20}{count:>9}")
+        times = recovery.get(kind, [])
+        print(
+            f"{kind:<20}{count:>9}{len(times):>11}"
+            f"{percentile(times, 0.5):>9}{percentile(times, 0.95):>9}"
+        )
+    print("(recovered: a run the fault took from its holder resumed; a run that paused in place")
+    print(" through a short store or broker outage is not a recovery)")
     print()
-    print(
-        f"runs succeeded            {sum(cluster.store.get_run(r).status is Status.SUCCEEDED for r in run_ids)}/{len(run_ids)}"
-    )
+    succeeded = sum(cluster.store.get_run(r).status is Status.SUCCEEDED for r in run_ids)
+    print(f"runs succeeded            {succeeded}/{len(run_ids)}")
     print(f"slices lost               {sum(1 for p in problems if 'missing files' in p)}")
     print(f"duplicate rows or files   {sum(1 for p in problems if 'duplicate' in p)}")
     print(f"committed slices redone   {committed_redone} (hard kills: {hard_kills})")
     print(f"partial slices restarted  {restarted_partial}")
     print(f"run_interrupted resumed   {resumed}/{interrupted}")
-    print(
-        f"recoveries (watchdog)     {sum(1 for r in run_ids for e in cluster.entries(r) if e.event.startswith('watchdog_'))}"
+    watchdog = sum(
+        1 for r in run_ids for e in cluster.entries(r) if e.event.startswith("watchdog_")
     )
-    print()
-    print(f"{'recovery time':<28}{'n':>5}{'p50':>9}{'p95':>9}")
-    print(
-        f"{'graceful (SIGTERM)':<28}{len(graceful_all):>5}{percentile(graceful_all, 0.5):>9}{percentile(graceful_all, 0.95):>9}"
-    )
-    print(
-        f"{'hard (SIGKILL/SIGSTOP)':<28}{len(hard_all):>5}{percentile(hard_all, 0.5):>9}{percentile(hard_all, 0.95):>9}"
-    )
-    if graceful_all:
-        print(
-            f"\n(mean graceful {statistics.mean(graceful_all):.1f}s; lease TTL 4s, watchdog every 1s)"
-        )
+    print(f"recoveries (watchdog)     {watchdog}")
+    print("(lease TTL 4s, watchdog every 1s)")
     print(f"\n{datetime.now().isoformat(timespec='seconds')}: {'PASS' if not problems else 'FAIL'}")
     for p in problems:
         print(f"  - {p}")
