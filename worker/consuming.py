@@ -239,7 +239,9 @@ def gated(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     ) -> Any:
         if not GATE.may_take():
             GATE.update()
-            reject(requeue=True)
+            # Celery's reject promise, called as its requests call it: through it Celery also
+            # restores a prefetch count it lowered after a reconnect.
+            reject(log, consumer.connection_errors, True)
             return None
         try:
             return handle(message, body, ack, reject, callbacks, **kw)
