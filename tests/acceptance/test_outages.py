@@ -28,6 +28,7 @@ from tests.acceptance.harness import (
     wait_for,
     written_rows,
 )
+from tests.acceptance.proxy import TcpProxy, target_of, through
 from tests.acceptance.services import PrivatePostgres, PrivateRedis
 from tests.conftest import require
 from worker import jsonfmt
@@ -182,12 +183,50 @@ def test_an_outage_longer_than_the_lease_ends_in_the_normal_recovery(
     assert "ERROR/" not in out and "Traceback" not in out, out[-3000:]
 
 
-def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_url: str) -> None:
-    """Redis (broker and stream wake-ups) killed for a while: the running run goes on; a
-    run triggered meanwhile is stored, queued and run once Redis is back; a live stream
-    keeps delivering (it polls); the worker and beat reconnect by themselves."""
-    redis_server = PrivateRedis(tmp_path)
-    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_server.url)
+class BrokerOutage:
+    """A broker the test can take away: a Redis server of its own, killed and started
+    again, or the shared RabbitMQ behind a proxy that closes and refuses connections."""
+
+    def __init__(self, kind: str, tmp_path: Path, amqp_url: str) -> None:
+        self.redis: PrivateRedis | None = None
+        self.proxy: TcpProxy | None = None
+        if kind == "redis":
+            self.redis = PrivateRedis(tmp_path)
+            self.url = self.redis.url
+        else:
+            self.proxy = TcpProxy(*target_of(amqp_url))
+            self.url = through(amqp_url, self.proxy)
+
+    def down(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        elif self.proxy is not None:
+            self.proxy.cut()
+
+    def up(self) -> None:
+        if self.redis is not None:
+            self.redis.start()
+        elif self.proxy is not None:
+            self.proxy.restore()
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "amqp"])
+def test_a_broker_outage_loses_no_run_and_needs_no_restart(
+    tmp_path: Path, pg_url: str, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The broker away for a while (Redis, also the stream wake-ups, killed; RabbitMQ cut
+    off): the running run goes on; a run triggered meanwhile is stored, queued and run once
+    the broker is back; a live stream keeps delivering (it polls); the worker and beat
+    reconnect by themselves."""
+    amqp_url = request.getfixturevalue("amqp_url") if kind == "amqp" else ""
+    broker = BrokerOutage(kind, tmp_path, amqp_url)
+    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=broker.url)
     api, base = serve_api(cluster.env, tmp_path / "api.log")
     try:
         _, secret = cluster.store.create_token("operator")
@@ -198,7 +237,7 @@ def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_ur
         wait_for(lambda: cluster.slices_done(first) >= 2, "two committed slices")
         reader = StreamReader(base, first, secret)
         reader.start()
-        redis_server.stop()
+        broker.down()
         try:
             done = cluster.slices_done(first)
             wait_for(lambda: cluster.slices_done(first) >= done + 3, "slices during the outage")
@@ -213,7 +252,7 @@ def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_ur
             assert cluster.store.get_run(second).status is Status.QUEUED
             wait_for(lambda: len(reader.ids) > done + 3, "the stream to deliver during the outage")
         finally:
-            redis_server.start()
+            broker.up()
         for run_id in (first, second):
             run = cluster.wait_status(run_id, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
             assert run.status is Status.SUCCEEDED, run.error_summary
@@ -224,7 +263,7 @@ def test_a_broker_outage_loses_no_run_and_needs_no_restart(tmp_path: Path, pg_ur
         api.terminate()
         api.wait(timeout=10)
         cluster.close()
-        redis_server.close()
+        broker.close()
     assert _slices_completed(cluster, first) == list(range(1, SLICES + 1))
     assert reader.ids == [e.id for e in cluster.entries(first)]
     events = [e.event for e in cluster.entries(second)]
