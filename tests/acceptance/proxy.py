@@ -136,6 +136,6 @@ class TcpProxy:
                         dst.shutdown(socket.SHUT_WR)
                     return
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a socket cut() closed under us
             with contextlib.suppress(OSError):
                 dst.close()

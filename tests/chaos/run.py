@@ -126,6 +126,7 @@ class Driver:
         self.workers: list[WorkerProcess] = []
         #: Each worker's own proxies to the store and the broker: held for a partition.
         self.links: dict[str, tuple[TcpProxy, TcpProxy]] = {}
+        self.deck: list[str] = []
         for _ in range(3):
             self.spawn()
 
@@ -182,7 +183,9 @@ class Driver:
                  "partition"]  # fmt: skip
         if self.redis is not None:
             kinds.append("redis_restart")
-        kind = self.rng.choice(kinds)
+        if not self.deck:  # every kind once, in a random order, then again
+            self.deck = self.rng.sample(kinds, len(kinds))
+        kind = self.deck.pop()
         ttl = float(self.cluster.env["QUARRY_LEASE_TTL_SECONDS"])
         if kind in INFRA:
             if self.faults.counts[kind] >= 3:
