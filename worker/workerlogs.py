@@ -25,6 +25,9 @@ library:
   the queues, the concurrency, the store and the broker, passwords scrubbed.
 - kombu's ``Requeuing undeliverable message … No consumers`` while the worker
   stops is INFO: the message goes back to the queue for another worker.
+- Celery beat's ``Message Error: …`` with a call stack and a traceback, for a
+  schedule entry it could not send (the broker is away), is one WARNING line:
+  beat sends the entry again at its next tick.
 
 The filters sit on those loggers only and change only the records they
 recognise by their format string; a record they do not recognise passes
@@ -59,6 +62,9 @@ CELERY_READY = "%s ready."
 DISCARDED = "Discarding revoked task: %s[%s]"
 #: kombu's line for a message delivered to a consumer that was just cancelled.
 NO_CONSUMERS = "Requeuing undeliverable message for queue %r: No consumers."
+#: Celery beat's line for a schedule entry it could not send (``celery/beat.py``), with the
+#: call stack as its second argument and the traceback attached.
+BEAT_SEND_FAILED = "Message Error: %s\n%s"
 
 #: The loggers whose records :class:`WorkerLogFilter` corrects.
 LOGGERS = (
@@ -141,6 +147,8 @@ def classify(
         if record.msg == POOL_EXIT and isinstance(args, tuple) and len(args) == 3:
             return child_exit(str(args[2]), stopping=stopping)
         return None
+    if record.name == "celery.beat" and record.msg == BEAT_SEND_FAILED:
+        return Verdict(logging.WARNING, "the broker is unreachable? beat sends it at the next tick")
     if record.name == "celery.apps.worker" and record.msg == CELERY_READY:
         return Verdict(logging.DEBUG)  # ready_line says it, with more
     if record.name == "kombu.transport.virtual.base":
@@ -165,6 +173,8 @@ class WorkerLogFilter(logging.Filter):
         if not logging.getLogger().isEnabledFor(verdict.level):
             return False
         record.levelno, record.levelname = verdict.level, logging.getLevelName(verdict.level)
+        if record.msg == BEAT_SEND_FAILED and isinstance(record.args, tuple) and record.args:
+            record.msg, record.args = "Message Error: %s", record.args[:1]  # not the stack
         if verdict.note:
             record.msg, record.args = f"{record.getMessage()} ({verdict.note})", ()
         record.exc_info, record.exc_text = None, None
@@ -258,6 +268,10 @@ def _on_worker_init(**_kwargs: Any) -> None:
         logging.getLogger(name).addFilter(_filter)
 
 
+def _on_beat_init(**_kwargs: Any) -> None:
+    logging.getLogger("celery.beat").addFilter(_filter)
+
+
 def _on_shutting_down(**_kwargs: Any) -> None:
     _stopping.set()
 
@@ -286,3 +300,4 @@ def install(*, runs: Iterable[str], quiet: Iterable[str]) -> None:
     celery_signals.worker_init.connect(_on_worker_init, weak=False)
     celery_signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
     celery_signals.worker_ready.connect(_on_ready, weak=False)
+    celery_signals.beat_init.connect(_on_beat_init, weak=False)

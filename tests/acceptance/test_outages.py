@@ -259,6 +259,8 @@ def test_a_broker_outage_loses_no_run_and_needs_no_restart(
         reader.join(timeout=60)
         assert reader.error is None, reader.error
         assert a.proc.poll() is None and beat.proc.poll() is None  # never restarted
+        # Beat says it could not send a tick in one line each, without a traceback.
+        assert "Traceback" not in beat.log(), beat.log()[-3000:]
     finally:
         api.terminate()
         api.wait(timeout=10)

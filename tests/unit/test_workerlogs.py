@@ -27,6 +27,7 @@ from worker.pipelines import Pipeline
 from worker.store import Store
 from worker.testing import expire_lease
 from worker.workerlogs import (
+    BEAT_SEND_FAILED,
     CELERY_READY,
     DISCARDED,
     NO_CONSUMERS,
@@ -156,6 +157,22 @@ def test_filter_rewrites_a_pool_exit_during_shutdown_as_one_info_line() -> None:
         "(stopped with the worker)"
     )
     assert rec.exc_info is None
+
+
+@pytest.mark.usefixtures("root_at_info")
+def test_a_schedule_entry_beat_could_not_send_is_one_warning_line() -> None:
+    """Celery beat's ERROR with a call stack and a traceback (the broker is away) becomes one
+    WARNING line naming the error; beat sends the entry at its next tick."""
+    error = ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    rec = record("celery.beat", BEAT_SEND_FAILED, (error, ["  File x, line 1\n"]), logging.ERROR)
+    rec.exc_info = (ConnectionError, error, None)
+    assert WorkerLogFilter().filter(rec) is True
+    assert rec.levelname == "WARNING"
+    assert rec.exc_info is None
+    assert rec.getMessage() == (
+        "Message Error: Error 111 connecting to 127.0.0.1:6379. Connection refused. "
+        "(the broker is unreachable? beat sends it at the next tick)"
+    )
 
 
 @pytest.mark.usefixtures("root_at_info")
