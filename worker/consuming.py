@@ -61,10 +61,20 @@ log = logging.getLogger("quarry.worker")
 _notes: Path | None = None
 
 
-def open_notes() -> Path:
-    """Make this worker's lease-notes directory (the main process, before the pool forks)."""
+def open_notes() -> Path | None:
+    """Make this worker's lease-notes directory (the main process, before the pool forks).
+
+    Without one (no writable temporary directory) the worker runs as before; a killed pool
+    process's run then waits for its lease to expire.
+    """
     global _notes  # noqa: PLW0603 - one directory per worker process
-    _notes = Path(tempfile.mkdtemp(prefix="quarry-leases-"))
+    try:
+        _notes = Path(tempfile.mkdtemp(prefix="quarry-leases-"))
+    except OSError as exc:
+        log.warning(
+            "no lease-notes directory (%s): a killed pool process's run waits for its lease", exc
+        )
+        _notes = None
     return _notes
 
 
