@@ -104,6 +104,18 @@ def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> Ne
     )
 
 
+def holds(conn: Connection, run_id: str, epoch: int) -> bool:
+    """Whether lease ``epoch`` still holds ``run_id``, checked by a no-op UPDATE of the run
+    row: its lock keeps a takeover from committing before this transaction does (the fence
+    of a write that has no state change of its own: entries, telemetry samples)."""
+    touched = conn.execute(
+        update(runs)
+        .where(runs.c.id == run_id, runs.c.lease_epoch == epoch)
+        .values(lease_epoch=runs.c.lease_epoch)
+    ).rowcount
+    return bool(touched == 1)
+
+
 class EntryWrites:
     """Entry inserts, the cap and the entry-order lock (mixed into ``Store``)."""
 
@@ -129,12 +141,7 @@ class EntryWrites:
         refused: set[tuple[str, int]] = set()
         with self._transaction() as conn:
             for run_id, epoch in fenced:
-                touched = conn.execute(
-                    update(runs)
-                    .where(runs.c.id == run_id, runs.c.lease_epoch == epoch)
-                    .values(lease_epoch=runs.c.lease_epoch)
-                ).rowcount
-                if touched != 1:
+                if not holds(conn, run_id, epoch):
                     refused.add((run_id, epoch))
             kept = [e for e in entries if e.epoch is None or (e.run_id, e.epoch) not in refused]
             self._insert_entries(conn, kept)

@@ -6,10 +6,11 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select
 
 from worker.store.engine import aware
-from worker.store.tables import log_entries, runs, telemetry_samples
+from worker.store.entries import holds
+from worker.store.tables import log_entries, telemetry_samples
 
 
 class MaintenanceQueries:
@@ -36,14 +37,8 @@ class MaintenanceQueries:
         Returns whether it was written.
         """
         with self._transaction() as conn:
-            if epoch is not None:
-                held = conn.execute(
-                    update(runs)
-                    .where(runs.c.id == run_id, runs.c.lease_epoch == epoch)
-                    .values(lease_epoch=runs.c.lease_epoch)
-                ).rowcount
-                if held != 1:
-                    return False
+            if epoch is not None and not holds(conn, run_id, epoch):
+                return False
             self._append_sample(conn, run_id, values, at=at, cap=cap)
         return True
 
