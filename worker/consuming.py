@@ -42,7 +42,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from billiard.exceptions import WorkerLostError
 from celery import Task, bootsteps
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
@@ -268,18 +267,10 @@ class RunRequest(workerlogs.QuarryRequest):
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
         """Celery's handling; a run's lost process also has its lease released."""
-        exc = exc_info.exception
-        exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
-        if (
-            isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt)
-            and workerlogs.is_run_task(self.name)
-            and not self.task.acks_late
-            and self.args
-            and not workerlogs.own_doing(self)
-        ):
-            how = workerlogs.lost_status(exc) or "was lost"
+        status = self.lost_process(exc_info)
+        if status is not None and self.run_requeued_by_worker() and self.args:
             pid = int(self.worker_pid) if self.worker_pid else None
-            release_lost_async(str(self.args[0]), pid, f"died ({how})")
+            release_lost_async(str(self.args[0]), pid, f"died ({status or 'was lost'})")
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
 

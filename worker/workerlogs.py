@@ -226,19 +226,29 @@ def lost_task_line(name: str, task_id: str, args: Sequence[Any] | None, status: 
 class QuarryRequest(Request):
     """Celery's request, reporting a lost pool process as one WARNING line, no traceback."""
 
+    def lost_process(self, exc_info: Any) -> str | None:
+        """How this task's pool process ended, when the failure is that it was lost and the
+        worker did not end it itself (by cancelling or revoking the task); else ``None``."""
+        exc = exc_info.exception
+        exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
+        if not isinstance(exc, BaseException) or own_doing(self):
+            return None
+        return lost_status(exc)
+
+    def run_requeued_by_worker(self) -> bool:
+        """Whether this task executes a run acked at its start, which the worker re-queues
+        itself when the pool process is lost (:mod:`worker.consuming`)."""
+        return is_run_task(self.name) and not self.task.acks_late
+
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
         """Log a lost process of a requeued task as a warning; everything else as Celery does."""
-        exc = exc_info.exception
-        exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
-        status = lost_status(exc) if isinstance(exc, BaseException) else None
+        status = self.lost_process(exc_info)
         # Celery rejects the message for a requeue exactly when both are set; a run's
-        # message was acked at its start and the worker re-queues the run itself. Celery
-        # says nothing of an exit it caused by cancelling or revoking the task itself.
+        # message was acked at its start and the worker re-queues the run itself.
         requeued = self.task.acks_late and self.task.reject_on_worker_lost
-        recovered = is_run_task(self.name) and not self.task.acks_late
-        if status is not None and (requeued or recovered) and not return_ok and not own_doing(self):
+        if status is not None and (requeued or self.run_requeued_by_worker()) and not return_ok:
             log.warning(lost_task_line(self.name, self.id, self.args, status))
             return_ok = True  # so Celery skips its ERROR line and traceback
         return super().on_failure(exc_info, send_failed_event, return_ok)
