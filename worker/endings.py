@@ -148,12 +148,9 @@ class RunEndings:
                 raise LeaseLost(f"{run_id} epoch {lease.epoch}: store unavailable past the TTL")
             time.sleep(STORE_RETRY_SECONDS)
             try:
-                run = self.store.get_run(run_id)
-                if landed(run):
+                if landed(self.store.get_run(run_id)):
                     break
-                if run.lease_epoch != lease.epoch or run.status is not Status.RUNNING:
-                    raise LeaseLost(f"{run_id} epoch {lease.epoch}")
-                write()
+                write()  # fenced: LeaseLost if the run was taken over meanwhile
                 break
             except StoreUnavailable:
                 continue
