@@ -172,9 +172,7 @@ class StagedFile:
         A second call (the checkpoint's transaction is retried after a store outage)
         finds the file already in place and does nothing.
         """
-        if self.final.exists() and not self.temp.exists():
-            return
-        self.temp.replace(self.final)
+        publish_file(self.temp, self.final)
 
     def discard(self) -> None:
         """Close and delete the temporary file."""
@@ -183,6 +181,14 @@ class StagedFile:
         with contextlib.suppress(OSError):
             self._raw.close()
         self.temp.unlink(missing_ok=True)
+
+
+def publish_file(temp: Path, final: Path) -> None:
+    """Rename a sealed slice file over its final name; a second call (the checkpoint's
+    transaction retried after a store outage) finds it in place and does nothing."""
+    if final.exists() and not temp.exists():
+        return
+    temp.replace(final)
 
 
 def write_failed(final: Path, exc: OSError) -> DestinationError:

@@ -37,7 +37,6 @@ table destination (``sql``), which merges in the database.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from worker.destinations.base import SliceStats
-from worker.destinations.files import fsync_path, temp_path, write_failed
+from worker.destinations.files import fsync_path, publish_file, temp_path, write_failed
 from worker.errors import DestinationError, first_line
 from worker.models import Event
 from worker.runlog import Logger
@@ -271,11 +270,7 @@ class StagedParquet:
         except OSError as exc:
             raise write_failed(self.final, exc) from None
         try:
-            fd = os.open(self.temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(self.temp)
         except OSError as exc:
             raise write_failed(self.final, exc) from None
         return SliceStats(rows=self.rows, files=1, bytes=self.temp.stat().st_size)
@@ -283,9 +278,7 @@ class StagedParquet:
     def publish(self) -> None:
         """Rename over the final name: readers see the old file or the whole new one (a second
         call, a checkpoint retried after a store outage, does nothing)."""
-        if self.final.exists() and not self.temp.exists():
-            return
-        self.temp.replace(self.final)
+        publish_file(self.temp, self.final)
 
     def discard(self) -> None:
         """Close and delete the temporary file."""
