@@ -19,9 +19,7 @@ import argparse
 import collections
 import os
 import random
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +31,11 @@ from tests.acceptance.harness import (
     Cluster,
     WorkerProcess,
     expected_rows,
-    free_port,
     temp_files,
     written_rows,
 )
 from tests.acceptance.proxy import TcpProxy, target_of, through
-from tests.acceptance.services import PrivatePostgres
+from tests.acceptance.services import PrivatePostgres, PrivateRedis
 from worker.errors import StoreUnavailable
 from worker.models import Entry, Run, Status
 
@@ -70,41 +67,6 @@ class Faults:
     hits: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-class RedisServer:
-    """A private, non-persistent redis-server this driver may restart."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit("chaos needs redis-server on PATH")
-        self.port = free_port()
-        self.argv = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
-
-    def restart(self) -> None:
-        """Stop and start: every message in it is lost."""
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        """Stop for good."""
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
 class Driver:
     """Keeps three workers alive and injects faults at random."""
 
@@ -113,7 +75,7 @@ class Driver:
         cluster: Cluster,
         pg: PrivatePostgres,
         broker: TcpProxy,
-        redis: RedisServer | None,
+        redis: PrivateRedis | None,
         rng: random.Random,
     ) -> None:
         self.cluster = cluster
@@ -193,7 +155,8 @@ class Driver:
             now = time.time()
             hit = [r.id for r in self.running()]
             if kind == "redis_restart" and self.redis is not None:
-                self.redis.restart()
+                self.redis.stop()  # every message in it is lost
+                self.redis.start()
             elif kind == "pg_restart":
                 self.pg.stop()
                 time.sleep(self.rng.uniform(1.0, ttl + 2))  # sometimes past the lease
@@ -280,7 +243,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="quarry-chaos-"))
     pg = PrivatePostgres()
-    redis = RedisServer() if args.broker == "redis" else None
+    redis = PrivateRedis(tmp) if args.broker == "redis" else None
     target = f"redis://127.0.0.1:{redis.port}/0" if redis is not None else AMQP_URL
     broker = TcpProxy(*target_of(target))
     cluster = Cluster(
@@ -320,7 +283,7 @@ def main() -> int:
             driver.close()
         broker.close()
         if redis is not None:
-            redis.stop()
+            redis.close()
         pg.close()
 
 
