@@ -28,8 +28,9 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from worker import jsonfmt, workermetrics
+from worker.errors import StoreUnavailable
 from worker.models import Level, NewEntry
-from worker.scrub import scrubber
+from worker.scrub import describe, scrubber
 
 #: Event-dict keys that are entry fields or context, never part of ``data``.
 RESERVED_KEYS = frozenset(
@@ -159,7 +160,15 @@ class EntryWriter:
             workermetrics.log_buffer(self.pending())
             try:
                 self.flush()
-                self.failures = 0
+            except StoreUnavailable as exc:
+                # A store outage: one line when it starts, the entries kept for the retry.
+                if not self.failures:
+                    logging.getLogger("quarry.writer").warning(
+                        "log flush failed (%s); entries kept, retrying until the store is back",
+                        describe(exc),
+                    )
+                self.failures += 1
+                continue
             except Exception:
                 self.failures += 1
                 logging.getLogger("quarry.writer").warning(
@@ -167,6 +176,12 @@ class EntryWriter:
                     self.failures,
                     exc_info=True,
                 )
+                continue
+            if self.failures:
+                logging.getLogger("quarry.writer").warning(
+                    "log flush works again after %d failed tries", self.failures
+                )
+            self.failures = 0
 
 
 class StoreSink:
