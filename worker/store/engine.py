@@ -23,8 +23,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 #: PostgreSQL ends a session that sits inside a transaction this long. Quarry's
 #: transactions are milliseconds; a frozen worker (SIGSTOP, a VM pause) caught
-#: mid-transaction would otherwise hold its run's row lock — and the entry-order
-#: lock every log write needs — until it wakes. Keep it well under the lease TTL.
+#: mid-transaction would otherwise hold its run's row and entry locks, and hold back
+#: the flat view's horizon, until it wakes. Keep it well under the lease TTL.
 PG_IDLE_IN_TRANSACTION_MS = 5_000
 #: And a statement (a COPY whose client froze half-way) at most this long.
 PG_STATEMENT_TIMEOUT_MS = 30_000

@@ -2,14 +2,16 @@
 
 Mixed into :class:`~worker.store.store.Store`. Inserts go through the driver
 (SQLAlchemy's per-row bind processing cost more than the insert itself); on
-PostgreSQL every entry-writing transaction takes the entry-order lock so that
-id order is commit order and the id is a gap-free cursor; the per-run cap on
-info entries is counted on the run row in the inserting transaction.
+PostgreSQL every entry-writing transaction takes, before its insert, the entry
+lock of each run it writes for (so a run's id order is its commit order) and
+registers its position for the cross-run horizon (:func:`horizon`); the per-run
+cap on info entries is counted on the run row in the inserting transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,17 @@ from worker.store import metrics
 from worker.store.engine import utcnow
 from worker.store.tables import runs
 
-#: Key of the PostgreSQL advisory lock that orders log-entry commits (see ``_order_entries``).
-ENTRY_ORDER_LOCK = 0x5155_4152_5259  # "QUARRY"
+#: First key of a run's entry lock (two-key advisory lock, the second key from
+#: :func:`run_lock_key`): one run's entry writers take turns, unrelated runs do not.
+RUN_ENTRY_LOCK = 0x5145_4E54  # "QENT"
+#: A writer's position lock is the one-key advisory lock ``POSITION_BASE + position``
+#: (shared): keys in this band are read back as positions by :func:`horizon`.
+POSITION_BASE = 0x51 << 56
+_POSITION_CLASS = POSITION_BASE >> 32  # pg_locks.classid of position 0
+#: The sequence behind ``log_entries.id`` (its identity column's).
+ENTRY_ID_SEQUENCE = "log_entries_id_seq"
+#: Where a writer stands: ids it takes from now on are above the sequence's last value.
+POSITION_SQL = f"{POSITION_BASE} + (SELECT last_value FROM {ENTRY_ID_SEQUENCE})"  # noqa: S608
 
 _ENTRY_COLUMNS = (
     "run_id",
@@ -38,6 +49,29 @@ _ENTRY_COLUMNS = (
 
 #: Key in ``Connection.info`` where a transaction collects the runs it wrote entries for.
 _TOUCHED = "quarry.touched_runs"
+#: Key in ``Connection.info``: the transaction's :class:`EntryLocks` (PostgreSQL).
+_LOCKS = "quarry.entry_locks"
+
+_LOCK_RUNS = (
+    f"SELECT count(pg_advisory_xact_lock({RUN_ENTRY_LOCK}, k)) FROM unnest(%s::int4[]) AS k"  # noqa: S608
+)
+_LOCK_RUNS_AND_REGISTER = (
+    f"SELECT pg_advisory_xact_lock_shared({POSITION_SQL}) "  # noqa: S608 - constants
+    f"FROM ({_LOCK_RUNS}) AS locked"
+)
+#: The horizon of the cross-run view: the last id handed out (read first), plus one,
+#: lowered to the oldest open writer's position (read after it, from the lock table).
+HORIZON_SQL = f"""
+SELECT least(
+    s.last_value + CASE WHEN s.is_called THEN 1 ELSE 0 END,
+    (SELECT min(((l.classid::int8 - {_POSITION_CLASS}) << 32) + l.objid::int8)
+       FROM pg_locks AS l
+      WHERE l.locktype = 'advisory' AND l.objsubid = 1
+        AND l.classid::int8 >= {_POSITION_CLASS} AND l.classid::int8 < {_POSITION_CLASS + (1 << 24)}
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND s.last_value IS NOT NULL))
+FROM {ENTRY_ID_SEQUENCE} AS s
+"""  # noqa: S608 - constants
 
 #: Up to this many entries go in one INSERT; more go through COPY.
 SMALL_BATCH = 50
@@ -104,6 +138,33 @@ def _truncation_entry(run_id: str, cap: int, dropped: int, *, final: bool) -> Ne
     )
 
 
+def run_lock_key(run_id: str) -> int:
+    """The second key of ``run_id``'s entry lock: a stable 32-bit hash (a collision only
+    makes two runs take turns)."""
+    digest = hashlib.blake2b(run_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class EntryLocks:
+    """What one PostgreSQL transaction holds of the entry write path (``Connection.info``)."""
+
+    __slots__ = ("registered", "runs")
+
+    def __init__(self) -> None:
+        #: Second keys of the run entry locks held.
+        self.runs: set[int] = set()
+        #: Whether the writer's position lock is held.
+        self.registered = False
+
+    @staticmethod
+    def of(conn: Connection) -> EntryLocks:
+        """The locks of ``conn``'s transaction (cleared by ``Store._transaction``)."""
+        locks = conn.info.get(_LOCKS)
+        if locks is None:
+            locks = conn.info[_LOCKS] = EntryLocks()
+        return locks
+
+
 def holds(conn: Connection, run_id: str, epoch: int) -> bool:
     """Whether lease ``epoch`` still holds ``run_id``, checked by a no-op UPDATE of the run
     row: its lock keeps a takeover from committing before this transaction does (the fence
@@ -117,7 +178,7 @@ def holds(conn: Connection, run_id: str, epoch: int) -> bool:
 
 
 class EntryWrites:
-    """Entry inserts, the cap and the entry-order lock (mixed into ``Store``)."""
+    """Entry inserts, the cap and the entry locks (mixed into ``Store``)."""
 
     dialect: str
     max_entries_per_run: int | None
@@ -152,10 +213,9 @@ class EntryWrites:
         conn: Connection,
         entries: Iterable[NewEntry],
         *,
-        ordered: bool = False,
         counted: Mapping[str, Any] | None = None,
     ) -> None:
-        """Insert entries; ``ordered`` means the entry-order lock is already held.
+        """Insert entries (on PostgreSQL after :meth:`_order_entries`).
 
         ``counted``: runs whose cap counter this transaction already raised by their
         cappable entries, with the row that UPDATE returned (see :meth:`_apply_cap`).
@@ -175,8 +235,7 @@ class EntryWrites:
                 for e in entries
             ]  # fmt: skip
             if rows:
-                if not ordered:
-                    self._order_entries(conn)
+                self._order_entries(conn, {row[0] for row in rows})
                 self._insert_pg(conn, rows)
             return
         texts = [
@@ -195,7 +254,7 @@ class EntryWrites:
         """Keep each run within ``max_entries_per_run`` info entries; count what is dropped.
 
         The counters live on the run row, updated in this transaction (its row lock
-        is taken before the entry-order lock, as everywhere). A run in ``counted``
+        is taken before the entry locks, as everywhere). A run in ``counted``
         had its ``entry_count`` raised already (by the fence's UPDATE), which
         returned the row given.
         """
@@ -267,13 +326,27 @@ class EntryWrites:
             for row in rows:
                 copy.write_row(row)
 
-    def _order_entries(self, conn: Connection) -> None:
-        """Serialise entry-writing commits so ids become visible in increasing order.
+    def _order_entries(self, conn: Connection, run_ids: Iterable[str]) -> None:
+        """Before an insert: take the entry lock of each run written for, and register.
 
         A PostgreSQL sequence hands out ids at INSERT time, but transactions may
-        commit in another order; a reader paging by id could then step past an id
-        that commits a moment later. Holding one transaction-scoped advisory lock
-        from before the insert until the commit makes id order and commit order
-        the same, so the id is a gap-free cursor. SQLite serialises writers anyway.
+        commit in another order. Two things keep the id a gap-free cursor without
+        serialising unrelated runs (``docs/design.md``, Entries):
+
+        - one run's writers take turns on its entry lock, held from before their
+          insert to their commit, so *within a run* id order is commit order;
+        - each writer holds a shared lock whose key is its position (the sequence's
+          last value before its insert), so a cross-run reader can tell the lowest
+          id still in flight (:data:`HORIZON_SQL`) and read only below it.
+
+        Run locks are taken in key order, after every row lock of the transaction,
+        so they cannot deadlock. SQLite serialises writers anyway.
         """
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ENTRY_ORDER_LOCK})")
+        locks = EntryLocks.of(conn)
+        keys = sorted({run_lock_key(run_id) for run_id in run_ids} - locks.runs)
+        if locks.registered and not keys:
+            return
+        sql = _LOCK_RUNS if locks.registered else _LOCK_RUNS_AND_REGISTER
+        conn.exec_driver_sql(sql, (keys,))
+        locks.runs.update(keys)
+        locks.registered = True

@@ -9,7 +9,7 @@ as one upsert, ``value = value + excluded.value``, as its last statement; on
 PostgreSQL, when the transaction inserts entries, the upsert rides on the entries'
 INSERT as a CTE instead (:func:`pending_cte`), so a slice's checkpoint costs no
 extra round trip. Either way the counter rows are locked after the run row and the
-entry-order lock, and nothing is locked after them, so they add no lock cycle.
+entry locks, and nothing is locked after them, so they add no lock cycle.
 
 Histograms are stored as one row per bucket (not cumulative: the bucket an
 observation falls in) and one for the sum; the count is the sum of the buckets.
@@ -143,7 +143,7 @@ def flush(conn: Connection, dialect: str) -> None:
 
 def pending_cte(conn: Connection) -> tuple[str, tuple[Any, ...]]:
     """PostgreSQL: this transaction's increments as a ``WITH`` prefix for the statement about
-    to insert entries (the entry-order lock is held), or nothing."""
+    to insert entries (its entry locks are held), or nothing."""
     taken = _take(conn, "postgresql")
     if taken is None:
         return "", ()

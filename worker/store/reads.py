@@ -26,6 +26,7 @@ from worker.errors import RunNotFound
 from worker.jsonfmt import loads, safe_bytes
 from worker.models import Entry, Level
 from worker.store.engine import aware, driver_cursor, fetch_one, utcnow
+from worker.store.entries import HORIZON_SQL
 from worker.store.tables import LEVEL_FILTERS, log_entries
 
 #: Columns of an entry row, in the order the builders below unpack them.
@@ -151,6 +152,8 @@ class _EntryQuery:
     #: Read backwards: the newest entries below this id (the query returns them newest
     #: first; :meth:`EntryReads._page_json` turns the page around).
     before_id: int | None = None
+    #: PostgreSQL, across runs: only ids below this horizon (see :meth:`EntryReads._horizon`).
+    below_id: int | None = None
 
     def postgresql(self, *, utc: bool) -> tuple[str, tuple[Any, ...]]:
         """SQL and parameters for psycopg; ``utc``: occurred_at as naive UTC wall time."""
@@ -167,6 +170,9 @@ class _EntryQuery:
             where.append("run_id >= %s AND run_id <= %s")
             params += [self.run_id, self.run_id]
         order = "run_id, id" if self.run_id is not None else "id"
+        if self.below_id is not None:
+            where.append("id < %s")
+            params.append(self.below_id)
         if self.before_id is not None:
             where.append("id < %s")
             params.append(self.before_id)
@@ -366,6 +372,8 @@ class EntryReads:
         cursor = driver_cursor(conn)
         try:
             if self.dialect == "postgresql":
+                if query.run_id is None:
+                    query = replace(query, below_id=self._horizon(conn))
                 # Naive UTC wall times are cheaper to load than zone-aware ones, and
                 # read the same once written out; only when the session is in UTC,
                 # so that every other zone keeps the offset it always had.
@@ -378,6 +386,14 @@ class EntryReads:
             return [build(row) for row in cursor.fetchall()]
         finally:
             cursor.close()
+
+    def _horizon(self, conn: Connection) -> int:
+        """Entries below this id are final (PostgreSQL): every transaction that could still
+        add one lower has ended. Read before, and in another statement than, the page: the
+        page's snapshot must be younger than the lock table's state it is bounded by."""
+        found = fetch_one(conn, HORIZON_SQL, ())
+        assert found is not None
+        return int(found[0])
 
     def _matches_nothing(self, conn: Connection, query: _EntryQuery) -> bool:
         """Whether a ``pipeline`` filter names a pipeline with no run (one indexed lookup).

@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -49,11 +50,15 @@ from worker.store import metrics, migrate
 from worker.store.console import ConsoleQueries
 from worker.store.engine import aware, db_epoch, make_engine, utcnow
 from worker.store.entries import (
+    _LOCKS,
     _TOUCHED,
-    ENTRY_ORDER_LOCK,
+    POSITION_SQL,
+    RUN_ENTRY_LOCK,
+    EntryLocks,
     EntryWrites,
     _cappable,
     _truncation_entry,
+    run_lock_key,
 )
 from worker.store.external import ExternalWrites
 from worker.store.maintenance import MaintenanceQueries
@@ -70,7 +75,7 @@ _log = logging.getLogger("quarry.store")
 
 #: First key of the per-pipeline advisory lock (PostgreSQL) that makes the
 #: ``max_active_runs`` count and the acquire one atomic step; the second is the
-#: pipeline name's hash. Two-key locks never collide with the one-key entry-order lock.
+#: pipeline name's hash (the run entry locks have another first key).
 PIPELINE_LOCK = 0x5152_5259
 
 
@@ -88,7 +93,8 @@ def _fence_update(names: tuple[str, ...], add_entries: bool, order_entries: bool
 
     Binds: ``fence_run``, ``fence_epoch``, ``set_<column>`` and, with
     ``add_entries``, ``add_entries`` (added to ``entry_count``). With
-    ``order_entries`` it also takes the entry-order lock (PostgreSQL).
+    ``order_entries`` it also takes the run's entry lock and registers the writer
+    (PostgreSQL; bind ``run_lock``).
     """
     values: dict[str, Any] = {
         name: bindparam(f"set_{name}", type_=runs.c[name].type) for name in names
@@ -112,7 +118,12 @@ def _fence_update(names: tuple[str, ...], add_entries: bool, order_entries: bool
         )
     )
     if order_entries:
-        stmt = stmt.returning(func.pg_advisory_xact_lock(ENTRY_ORDER_LOCK))
+        stmt = stmt.returning(
+            func.pg_advisory_xact_lock(
+                literal_column(str(RUN_ENTRY_LOCK)), bindparam("run_lock", type_=Integer())
+            ),
+            func.pg_advisory_xact_lock_shared(literal_column(f"({POSITION_SQL})")),
+        )
     return stmt
 
 
@@ -161,6 +172,7 @@ class Store(
                 metrics.flush(conn, self.dialect)
             finally:
                 conn.info.pop(_TOUCHED, None)
+                conn.info.pop(_LOCKS, None)
                 metrics.discard(conn)
         if touched and self.on_entries is not None:
             try:
@@ -572,9 +584,7 @@ class Store(
                     lease.run_id, self.max_entries_per_run, row.entries_dropped, final=True
                 )
                 entries = [*entries[:-1], closing, *entries[-1:]]
-            self._insert_entries(
-                conn, entries, ordered=ordered, counted={lease.run_id: row} if counted else None
-            )
+            self._insert_entries(conn, entries, counted={lease.run_id: row} if counted else None)
             if before_commit is not None:
                 before_commit()
 
@@ -594,19 +604,24 @@ class Store(
         building it anew on every checkpoint cost more than a round trip
         (``python -m bench.ab REV_A REV_B slices``).
 
-        With ``order_entries`` on PostgreSQL the entry-order lock is taken in the
-        same statement (``RETURNING pg_advisory_xact_lock(…)``), saving a round
-        trip on every checkpoint; it is still taken after the row lock.
+        With ``order_entries`` on PostgreSQL the run's entry lock is taken and the
+        writer registered in the same statement (``RETURNING pg_advisory_xact_lock(…)``),
+        saving a round trip on every checkpoint; still after the row lock.
         """
         plain = {k: v for k, v in values.items() if not isinstance(v, ClauseElement)}
-        stmt = _fence_update(
-            tuple(sorted(plain)), add_entries > 0, order_entries and self.dialect == "postgresql"
-        )
+        lock = order_entries and self.dialect == "postgresql"
+        stmt = _fence_update(tuple(sorted(plain)), add_entries > 0, lock)
         if len(plain) < len(values):  # SQL expressions (renew's lease deadline): a new statement
             stmt = stmt.values({k: v for k, v in values.items() if k not in plain})
         params = {f"set_{k}": v for k, v in plain.items()}
         params.update(fence_run=lease.run_id, fence_epoch=lease.epoch, add_entries=add_entries)
+        if lock:
+            params["run_lock"] = run_lock_key(lease.run_id)
         row = conn.execute(stmt, params).first()
         if row is None:
             raise LeaseLost(f"{lease.run_id} epoch {lease.epoch}")
+        if lock:
+            locks = EntryLocks.of(conn)
+            locks.runs.add(params["run_lock"])
+            locks.registered = True
         return row
