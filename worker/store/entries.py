@@ -11,17 +11,18 @@ cap on info entries is counted on the run row in the inserting transaction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import Connection, update
 
 from worker.jsonfmt import dumps, loads
 from worker.models import TERMINAL_EVENTS, Event, Level, NewEntry
 from worker.store import metrics
-from worker.store.engine import utcnow
+from worker.store.engine import fetch_one, utcnow
 from worker.store.tables import runs
 
 #: First key of a run's entry lock (two-key advisory lock, the second key from
@@ -72,6 +73,43 @@ SELECT least(
         AND s.last_value IS NOT NULL))
 FROM {ENTRY_ID_SEQUENCE} AS s
 """  # noqa: S608 - constants
+
+
+@functools.lru_cache(maxsize=64)
+def fenced_insert_sql(count: int) -> str:
+    """A buffered flush of ``count`` entries of one lease as one statement (PostgreSQL).
+
+    The fence's UPDATE raises the cap counter and, in its RETURNING, takes the run's
+    entry lock and registers the writer; the INSERT's rows are gated on the fenced row
+    (an InitPlan, read before any row asks the sequence for an id) and on the cap. It
+    returns the fenced row and how many entries went in, or no row when the lease is
+    gone. Parameters: cappable entries, run id, epoch, run lock key, the rows, the cap.
+    """
+    row = (
+        "(%s::varchar, %s::varchar, %s::varchar, %s::text, %s::jsonb, %s::varchar, %s::int, "
+        "%s::timestamptz)"
+    )
+    columns = ", ".join(_ENTRY_COLUMNS)
+    return (
+        "WITH fence AS ("  # noqa: S608 - constants and placeholders
+        "UPDATE runs SET entry_count = entry_count + %s WHERE id = %s AND lease_epoch = %s "
+        "RETURNING entry_count, entries_dropped, pipeline, "
+        f"pg_advisory_xact_lock({RUN_ENTRY_LOCK}, %s) AS run_lock, "
+        f"pg_advisory_xact_lock_shared({POSITION_SQL}) AS position_lock), "
+        f"inserted AS (INSERT INTO log_entries ({columns}) "
+        f"SELECT * FROM (VALUES {', '.join([row] * count)}) AS v ({columns}) "
+        "WHERE EXISTS (SELECT 1 FROM fence WHERE fence.entry_count <= %s) RETURNING 1) "
+        "SELECT entry_count, entries_dropped, pipeline, (SELECT count(*) FROM inserted) FROM fence"
+    )
+
+
+class _Fenced(NamedTuple):
+    """The fenced run row, as :meth:`EntryWrites._apply_cap` reads a counted one."""
+
+    entry_count: int
+    entries_dropped: int
+    pipeline: str
+
 
 #: Up to this many entries go in one INSERT; more go through COPY.
 SMALL_BATCH = 50
@@ -199,6 +237,17 @@ class EntryWrites:
         for entry in entries:
             if entry.epoch is not None:
                 fenced[(entry.run_id, entry.epoch)] = None
+        if (
+            self.dialect == "postgresql"
+            and len(fenced) == 1
+            and len(entries) <= SMALL_BATCH
+            and all(e.epoch is not None for e in entries)
+        ):
+            ((run_id, epoch),) = fenced
+            with self._transaction() as conn:
+                if self._fenced_flush(conn, run_id, epoch, entries):
+                    return set()
+            return {(run_id, epoch)}
         refused: set[tuple[str, int]] = set()
         with self._transaction() as conn:
             for run_id, epoch in fenced:
@@ -207,6 +256,37 @@ class EntryWrites:
             kept = [e for e in entries if e.epoch is None or (e.run_id, e.epoch) not in refused]
             self._insert_entries(conn, kept)
         return refused
+
+    def _fenced_flush(
+        self, conn: Connection, run_id: str, epoch: int, entries: Sequence[NewEntry]
+    ) -> bool:
+        """One lease's flush in one statement (:func:`fenced_insert_sql`); False when the
+        lease is gone. A flush that would pass the cap inserts nothing there and is
+        finished by the ordinary path, with the counter the statement raised."""
+        cap = self.max_entries_per_run
+        cappable = sum(1 for e in entries if _cappable(e)) if cap is not None else 0
+        key = run_lock_key(run_id)
+        params: list[Any] = [cappable, run_id, epoch, key]
+        for e in entries:
+            params += _without_nul(
+                (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+                 e.worker_id, e.attempt, e.occurred_at)
+            )  # fmt: skip
+        params.append(cap if cappable else 2**62)
+        found = fetch_one(conn, fenced_insert_sql(len(entries)), tuple(params))
+        if found is None:
+            return False
+        locks = EntryLocks.of(conn)
+        locks.runs.add(key)
+        locks.registered = True
+        if found[3]:
+            touched = conn.info.get(_TOUCHED)
+            if touched is not None:
+                touched.add(run_id)
+            return True
+        row = _Fenced(found[0], found[1], found[2])
+        self._insert_entries(conn, entries, counted={run_id: row} if cappable else None)
+        return True
 
     def _insert_entries(
         self,
