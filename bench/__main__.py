@@ -146,6 +146,8 @@ def part(args: list[str], tmp: Path) -> int:
         return 0
     if args == ["unattended"]:
         return unattended_rows()
+    if args == ["scale"]:
+        return scale_rows()
     if args == ["recovery"]:
         url = fresh_pg("quarry_bench_recovery")
         if url is None:
@@ -153,10 +155,24 @@ def part(args: list[str], tmp: Path) -> int:
         recovery_rows(url)
         return 0
     print(
-        f"usage: python -m bench [api|unattended|recovery]; got {' '.join(args)!r}",
+        f"usage: python -m bench [api|unattended|recovery|scale]; got {' '.join(args)!r}",
         file=sys.stderr,
     )
     return 2
+
+
+def scale_rows() -> int:
+    """Log ingestion with many writers and many runs on PostgreSQL (bench.scale)."""
+    from bench import scale  # noqa: PLC0415 - it imports this module's helpers
+
+    url = fresh_pg("quarry_bench_scale")
+    if url is None:
+        return 1
+    try:
+        scale.main(url, row)
+    finally:
+        drop_pg("quarry_bench_scale")
+    return 0
 
 
 def unattended_rows() -> int:
