@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,3 +143,70 @@ def test_cli_follows_through_the_api_with_the_same_output(served: tuple[Cluster,
     )
     assert missing.returncode == 1
     assert "no such run: run_nope" in missing.stderr
+
+
+def test_streams_over_several_api_processes_deliver_every_entry_once(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    """Two ``quarry serve`` processes over one store and one Redis, during a run: every client
+    of each gets every entry once, in order; a client that drops its connection to one
+    process resumes on the other by Last-Event-ID; the flat view pages on across them too."""
+    cluster = Cluster(tmp_path, database_url=pg_url, broker_url=redis_url)
+    apis = [serve_api(dict(cluster.env), tmp_path / f"api-{n}.log") for n in range(2)]
+    try:
+        _, secret = cluster.store.create_token("read")
+        headers = {"Authorization": f"Bearer {secret}"}
+        cluster.worker("a")
+        run_id = cluster.trigger("slow", page_latency_ms=20)
+        path = f"/api/v1/action-runs/{run_id}/logs/stream"
+        results: dict[str, list[int]] = {}
+
+        def whole(name: str, base: str) -> None:
+            with httpx.Client(timeout=120) as client:
+                results[name] = [i for i, _ in read_events(client, base + path, headers)]
+
+        def hopping(name: str) -> None:
+            ids: list[int] = []
+            with httpx.Client(timeout=120) as client:
+                for hop in range(6):  # a few events on one process, then on the other
+                    base = apis[hop % 2][1]
+                    resume = {"Last-Event-ID": str(ids[-1])} if ids else {}
+                    last = hop == 5
+                    got = read_events(
+                        client, base + path, {**headers, **resume}, None if last else 15
+                    )
+                    ids += [i for i, _ in got]
+            results[name] = ids
+
+        threads = [
+            threading.Thread(target=whole, args=(f"{n}-{k}", base))
+            for n, (_, base) in enumerate(apis)
+            for k in range(3)
+        ]
+        threads += [threading.Thread(target=hopping, args=(f"hop-{k}",)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        stored = [e.id for e in cluster.entries(run_id)]
+        assert cluster.store.get_run(run_id).status is Status.SUCCEEDED
+        assert len(results) == len(threads)
+        for name, ids in results.items():
+            assert ids == stored, name
+        flat: list[int] = []
+        cursor = ""
+        with httpx.Client(timeout=60) as client:
+            for hop in range(1000):
+                params = {"runId": run_id, "count": "40", **({"cursor": cursor} if cursor else {})}
+                page = client.get(f"{apis[hop % 2][1]}/api/v1/logs", params=params, headers=headers)
+                body = page.json()
+                flat += [e["id"] for e in body["entries"]]
+                if not body.get("cursor"):
+                    break
+                cursor = body["cursor"]
+        assert flat == stored
+    finally:
+        for proc, _ in apis:
+            proc.terminate()
+            proc.wait(timeout=10)
+        cluster.close()
