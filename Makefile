@@ -34,6 +34,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/store -q
 
 ## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=api: the API part alone;
+## BENCH_ARGS=scale: log ingestion with 64 writers and 500 runs on PostgreSQL;
 ## BENCH_ARGS=console: the web console in headless Chromium alone, BENCH_CONSOLE_ARGS=--quick for a short try)
 bench: $(STAMP)
 ifeq ($(BENCH_ARGS),console)

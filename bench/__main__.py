@@ -136,11 +136,13 @@ def main() -> int:
         recovery_rows(pg_rec)
     if os.environ.get("BENCH_SKIP_UNATTENDED") != "1":
         unattended_rows()
+    if os.environ.get("BENCH_SKIP_SCALE") != "1":
+        scale_rows()
     return 0
 
 
 def part(args: list[str], tmp: Path) -> int:
-    """One part alone: ``api``, ``unattended`` or ``recovery``."""
+    """One part alone: ``api``, ``unattended``, ``recovery`` or ``scale``."""
     if args == ["api"]:
         api_rows(tmp)
         return 0
