@@ -23,10 +23,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## test: lint, then every test tier in TEST_WORKERS processes; pytest's "no tests ran" (exit 5) fails the target
+## test: lint, then every test tier in TEST_WORKERS processes (an idle one takes tests queued for a busy one,
+## so the long acceptance tests do not end the run on one process); pytest's "no tests ran" (exit 5) fails the target
 TEST_WORKERS ?= 3
 test: lint
-	@$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 ## unit: the fast tier only
