@@ -4,7 +4,7 @@ Mixed into :class:`~worker.store.store.Store`. Inserts go through the driver
 (SQLAlchemy's per-row bind processing cost more than the insert itself); on
 PostgreSQL every entry-writing transaction takes, before its insert, the entry
 lock of each run it writes for (so a run's id order is its commit order) and
-registers its position for the cross-run horizon (:func:`horizon`); the per-run
+registers its position for the cross-run horizon (:data:`HORIZON_SQL`); the per-run
 cap on info entries is counted on the run row in the inserting transaction.
 """
 
@@ -29,7 +29,7 @@ from worker.store.tables import runs
 #: :func:`run_lock_key`): one run's entry writers take turns, unrelated runs do not.
 RUN_ENTRY_LOCK = 0x5145_4E54  # "QENT"
 #: A writer's position lock is the one-key advisory lock ``POSITION_BASE + position``
-#: (shared): keys in this band are read back as positions by :func:`horizon`.
+#: (shared): keys in this band are read back as positions by :data:`HORIZON_SQL`.
 POSITION_BASE = 0x51 << 56
 _POSITION_CLASS = POSITION_BASE >> 32  # pg_locks.classid of position 0
 #: The sequence behind ``log_entries.id`` (its identity column's).
@@ -194,6 +194,11 @@ class EntryLocks:
         #: Whether the writer's position lock is held.
         self.registered = False
 
+    def took(self, run_key: int) -> None:
+        """A statement took this run's entry lock and registered the writer."""
+        self.runs.add(run_key)
+        self.registered = True
+
     @staticmethod
     def of(conn: Connection) -> EntryLocks:
         """The locks of ``conn``'s transaction (cleared by ``Store._transaction``)."""
@@ -276,9 +281,7 @@ class EntryWrites:
         found = fetch_one(conn, fenced_insert_sql(len(entries)), tuple(params))
         if found is None:
             return False
-        locks = EntryLocks.of(conn)
-        locks.runs.add(key)
-        locks.registered = True
+        EntryLocks.of(conn).took(key)
         if found[3]:
             touched = conn.info.get(_TOUCHED)
             if touched is not None:

@@ -621,7 +621,5 @@ class Store(
         if row is None:
             raise LeaseLost(f"{lease.run_id} epoch {lease.epoch}")
         if lock:
-            locks = EntryLocks.of(conn)
-            locks.runs.add(params["run_lock"])
-            locks.registered = True
+            EntryLocks.of(conn).took(params["run_lock"])
         return row
