@@ -164,7 +164,8 @@ def part(args: list[str], tmp: Path) -> int:
 
 
 def scale_rows() -> int:
-    """Log ingestion with many writers and many runs on PostgreSQL (bench.scale)."""
+    """Log ingestion with many writers and many runs on PostgreSQL (bench.scale), then
+    stream clients over several API processes (bench.streams)."""
     from bench import scale  # noqa: PLC0415 - it imports this module's helpers
 
     url = fresh_pg("quarry_bench_scale")
@@ -174,7 +175,9 @@ def scale_rows() -> int:
         scale.main(url, row)
     finally:
         drop_pg("quarry_bench_scale")
-    return 0
+    from bench import streams  # noqa: PLC0415 - it imports this module's helpers
+
+    return streams.main([])
 
 
 def unattended_rows() -> int:

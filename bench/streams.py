@@ -1,0 +1,204 @@
+"""Many stream clients over several API processes, during a run logging fast.
+
+``python -m bench.streams [--apis 4] [--clients 2000] [--rate 1000] [--seconds 20]``
+(in ``make bench BENCH_ARGS=scale``): ``--apis`` ``quarry serve`` processes over
+one PostgreSQL store and one Redis; ``--clients`` SSE clients spread over them,
+in ``--client-processes`` processes of their own (asyncio, httpx-sse); one
+worker-like process logging ``--rate`` entries a second for ``--seconds``
+through structlog and the worker's writer, with Redis wake-ups. Each client
+notes, for every entry, the wall-clock time from the log call to its receipt;
+the goal is that no client is ever more than a second behind. The baseline is
+one client on one API process in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from bench.api import api_env, pct
+from bench.ingest import NullStream
+from tests.acceptance.harness import serve_api
+from worker import jsonfmt, runlog
+from worker.notify import Publisher
+from worker.runlog import EntryWriter, StoreSink
+from worker.store import Store
+
+#: Seconds after the run's last entry a client behind stops reading (it counts as behind).
+GIVE_UP = 30
+
+
+def _produce(url: str, redis_url: str, run_id: str, rate: int, seconds: float) -> None:
+    """A worker-like process: ``rate`` entries a second through structlog and the writer."""
+    store = Store(url)
+    store.on_entries = Publisher(redis_url)
+    writer = EntryWriter(store.append_entries, flush_ms=200, batch_size=2000)
+    runlog.configure(StoreSink(writer), log_format="json", stream=NullStream())
+    log = runlog.get_logger(run_id=run_id, worker_id="bench").bind(attempt=1)
+    writer.start()
+    began = time.monotonic()
+    total = int(rate * seconds)
+    for i in range(total):
+        due = began + i / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        log.info("slice_completed", message=f"Slice {i}", sent_at=time.time())
+    log.info("run_completed", message="done", sent_at=time.time())
+    writer.close()
+    store.close()
+
+
+async def _listen(
+    base: str, secret: str, run_id: str, opened: Any, until: list[float]
+) -> tuple[int, float, list[float]]:
+    """Events received, the largest lag (ms) and a sample of lags, for one client; it stops
+    at the run's end, or at ``until[0]`` (wall clock, set when the run starts) if behind."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    path = f"/api/v1/action-runs/{run_id}/logs/stream"
+    count, worst, sample = 0, 0.0, []
+    async with (
+        httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(300)) as client,
+        aconnect_sse(client, "GET", path) as source,
+    ):
+        opened()
+        async for sse in source.aiter_sse():
+            if not sse.data:  # the server's keep-alive ping
+                continue
+            now = time.time()
+            lag = (now - jsonfmt.loads(sse.data)["data"]["sent_at"]) * 1000
+            count += 1
+            worst = max(worst, lag)
+            if count % 50 == 0:
+                sample.append(lag)
+            if now > until[0]:
+                break
+    return count, worst, sample
+
+
+def _clients(
+    bases: list[str], secret: str, run_id: str, n: int, queues: tuple[Any, Any, Any]
+) -> None:
+    """One client process: ``n`` clients, spread over the API processes. Queues: it says on
+    the first when all are open, puts their results on the second, and reads from the third
+    when a client still behind gives up (a wall-clock time)."""
+    ready, out, stop_at = queues
+
+    async def main() -> list[tuple[int, float, list[float]]]:
+        opened = [0]
+
+        until = [float("inf")]
+
+        def one_open() -> None:
+            opened[0] += 1
+            if opened[0] == n:
+                ready.put(n)
+
+        tasks = [
+            asyncio.create_task(_listen(bases[i % len(bases)], secret, run_id, one_open, until))
+            for i in range(n)
+        ]
+        until[0] = await asyncio.to_thread(stop_at.get)
+        return await asyncio.gather(*tasks)
+
+    out.put(asyncio.run(main()))
+
+
+def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    store = Store(url)
+    store.upgrade()
+    run_id = store.create_run("bench-streams").id
+    _, secret = store.create_token("read")
+    store.close()
+    tmp, env = api_env(url, redis_url)
+    servers = [serve_api(env, tmp / f"api-{i}.log") for i in range(args.apis)]
+    bases = [base for _, base in servers]
+    ctx = mp.get_context("fork")
+    ready, out, stop_at = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    per = [args.clients // args.client_processes] * args.client_processes
+    per[0] += args.clients - sum(per)
+    procs = [
+        ctx.Process(target=_clients, args=(bases, secret, run_id, n, (ready, out, stop_at)))
+        for n in per
+        if n
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120 + args.clients / 10)
+        time.sleep(1.0)  # every stream joined its run's feed
+        producer = ctx.Process(
+            target=_produce, args=(url, redis_url, run_id, args.rate, args.seconds)
+        )
+        producer.start()
+        for _ in procs:  # a client still behind this long after the run gives up
+            stop_at.put(time.time() + args.seconds + GIVE_UP)
+        results = [r for _ in procs for r in out.get(timeout=args.seconds + GIVE_UP + 120)]
+        producer.join()
+        for p in procs:
+            p.join()
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=10)
+    expected = int(args.rate * args.seconds) + 1
+    worst = sorted(w for _, w, _ in results)
+    sample = [lag for _, _, s in results for lag in s]
+    return {
+        "clients": len(results),
+        "complete": sum(1 for c, _, _ in results if c == expected),
+        "behind": sum(1 for w in worst if w > 1000),
+        "worst_p50": statistics.median(worst),
+        "worst_max": worst[-1],
+        "lag_p50": statistics.median(sample),
+        "lag_p99": pct(sample, 0.99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.__main__ import REDIS, drop_pg, fresh_pg  # noqa: PLC0415 - no cycle at import
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apis", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2000)
+    parser.add_argument("--client-processes", type=int, default=8)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args(argv)
+    url = fresh_pg("quarry_bench_streams")
+    if url is None:
+        return 1
+    try:
+        one = argparse.Namespace(**{**vars(args), "apis": 1, "clients": 1, "client_processes": 1})
+        base = measure(url, REDIS, one)
+        got = measure(url, REDIS, args)
+    finally:
+        drop_pg("quarry_bench_streams")
+    print(
+        f"\n{args.clients:,} stream clients over {args.apis} API processes ({args.client_processes} "
+        f"client processes), a run logging {args.rate:,} entries/s for {args.seconds:.0f} s"
+    )
+    print(f"  clients that got every entry: {got['complete']:,} of {got['clients']:,}")
+    print(
+        f"  clients ever more than 1 s behind: {got['behind']:,} (goal 0); a client's worst lag "
+        f"p50 {got['worst_p50']:.0f} ms, max {got['worst_max']:.0f} ms"
+    )
+    print(
+        f"  lag, every 50th entry of every client: p50 {got['lag_p50']:.0f} ms, p99 "
+        f"{got['lag_p99']:.0f} ms; one client on one API process (baseline): p50 "
+        f"{base['lag_p50']:.0f} ms, p99 {base['lag_p99']:.0f} ms, worst {base['worst_max']:.0f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
