@@ -414,7 +414,7 @@ class EntryWrites:
 
         A PostgreSQL sequence hands out ids at INSERT time, but transactions may
         commit in another order. Two things keep the id a gap-free cursor without
-        serialising unrelated runs (``docs/design.md``, Entries):
+        serialising unrelated runs (``docs/design.md``, Events):
 
         - one run's writers take turns on its entry lock, held from before their
           insert to their commit, so *within a run* id order is commit order;
