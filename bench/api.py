@@ -258,16 +258,22 @@ async def _listen(
             lags.append((time.time() - entry["data"]["sent_at"]) * 1000)
 
 
+def stream_setup(url: str, redis_url: str, pipeline: str) -> tuple[str, str, Path, dict[str, str]]:
+    """A run to stream and a read token's secret, with the environment of ``api_env``."""
+    store = Store(url)
+    store.upgrade()
+    run_id = store.create_run(pipeline).id
+    _, secret = store.create_token("read")
+    store.close()
+    tmp, env = api_env(url, redis_url)
+    return run_id, secret, tmp, env
+
+
 def stream_latency(
     url: str, redis_url: str, *, clients: int = 1, count: int = 200, interval: float = 0.05
 ) -> list[list[float]]:
     """Per client, ms from each log call in a worker-like process to its receipt over SSE."""
-    store = Store(url)
-    store.upgrade()
-    run_id = store.create_run("bench-stream").id
-    _, secret = store.create_token("read")
-    store.close()
-    tmp, env = api_env(url, redis_url)
+    run_id, secret, tmp, env = stream_setup(url, redis_url, "bench-stream")
     proc, base = serve_api(env, tmp / "api.log")
     lags: list[list[float]] = [[] for _ in range(clients)]
     try:

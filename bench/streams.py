@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-from bench.api import api_env, pct
+from bench.api import pct, stream_setup
 from bench.ingest import NullStream
 from tests.acceptance.harness import serve_api
 from worker import jsonfmt, runlog
@@ -113,12 +113,7 @@ def _clients(
 
 
 def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    store = Store(url)
-    store.upgrade()
-    run_id = store.create_run("bench-streams").id
-    _, secret = store.create_token("read")
-    store.close()
-    tmp, env = api_env(url, redis_url)
+    run_id, secret, tmp, env = stream_setup(url, redis_url, "bench-streams")
     servers = [serve_api(env, tmp / f"api-{i}.log") for i in range(args.apis)]
     bases = [base for _, base in servers]
     ctx = mp.get_context("fork")
