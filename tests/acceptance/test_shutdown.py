@@ -135,6 +135,10 @@ def test_sigterm_to_one_child_interrupts_only_its_run(cluster: Cluster) -> None:
 def test_sigkill_recovers_the_run_once(cluster: Cluster, target: str) -> None:
     """SIGKILL of a child (its worker re-queues the run at once) or of the whole worker (the
     watchdog, at lease expiry): one recovery, resume from the checkpoint, no duplicate."""
+    if target == "child":
+        # The worker must be the one that recovers it: a lease long enough that the watchdog
+        # cannot win the race on a loaded machine (a 3 s lease expired first once in CI).
+        cluster.env = {**cluster.env, "QUARRY_LEASE_TTL_SECONDS": "15"}
     a = cluster.worker("a")
     run_id = start_slow_run(cluster, a)
     if target == "child":
