@@ -263,6 +263,15 @@ class Cluster:
         self.app.close()
 
 
+def lease_recoveries(entries: list[Entry]) -> list[Entry]:
+    """The watchdog's recoveries of a lost lease (each starts a next attempt).
+
+    A loaded machine may also log a re-publish of a queued run that no worker took in
+    time: the same event without ``next_attempt``, and not a lease takeover.
+    """
+    return [e for e in entries if e.event == "watchdog_recovery" and "next_attempt" in e.data]
+
+
 def expected_rows(
     cluster: Cluster, pipeline: str, params: dict[str, Any] | None = None
 ) -> dict[str, list[dict[str, Any]]]:

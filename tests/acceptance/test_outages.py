@@ -23,6 +23,7 @@ from httpx_sse import connect_sse
 from tests.acceptance.harness import (
     Cluster,
     expected_rows,
+    lease_recoveries,
     serve_api,
     temp_files,
     wait_for,
@@ -173,7 +174,7 @@ def test_an_outage_longer_than_the_lease_ends_in_the_normal_recovery(
         assert _slices_completed(cluster, run_id) == list(range(1, SLICES + 1))
         assert written_rows(cluster, "slow", run_id) == expected_rows(cluster, "slow")
         assert temp_files(cluster) == []
-        recoveries = [e for e in cluster.entries(run_id) if e.event == "watchdog_recovery"]
+        recoveries = lease_recoveries(cluster.entries(run_id))
         assert recoveries and recoveries[0].data["reason"].startswith("lease of a expired")
     finally:
         cluster.close()

@@ -23,6 +23,7 @@ from tests.acceptance.harness import (
     WorkerProcess,
     expected_rows,
     free_port,
+    lease_recoveries,
     temp_files,
     wait_for,
     written_rows,
@@ -148,9 +149,7 @@ def test_sigkill_recovers_the_run_once(cluster: Cluster, target: str) -> None:
         cluster.worker("b")  # ready before the kill, as in a deploy with spare capacity
         a.signal_group(signal.SIGKILL)
     entries = assert_exactly_once(cluster, run_id)
-    # One recovery of the lost lease. A loaded machine may also see a re-publish of the
-    # queued run (same event, no next_attempt): harmless, and not what this test is about.
-    recoveries = [e for e in entries if e.event == "watchdog_recovery" and "next_attempt" in e.data]
+    recoveries = lease_recoveries(entries)
     assert len(recoveries) == 1
     assert recoveries[0].data["next_attempt"] == 2
     # Who recovered it: the worker that saw its child die, or the watchdog that saw the lease
@@ -186,12 +185,7 @@ def test_frozen_worker_is_fenced_after_takeover(cluster: Cluster) -> None:
             ),
             "b to take the run over",
         )
-        # The lease takeover, not a re-publish of the queued run that a loaded machine may add first.
-        takeover = next(
-            e.id
-            for e in cluster.entries(run_id)
-            if e.event == "watchdog_recovery" and "next_attempt" in e.data
-        )
+        takeover = lease_recoveries(cluster.entries(run_id))[0].id
     finally:
         a.signal_group(signal.SIGCONT)
     entries = assert_exactly_once(cluster, run_id)
@@ -225,7 +219,7 @@ def test_two_watchdogs_recover_each_stale_epoch_once(cluster: Cluster) -> None:
     cluster.worker("a")
     for run in runs:
         cluster.wait_status(run.id, Status.SUCCEEDED)
-        recoveries = [e for e in cluster.entries(run.id) if e.event == "watchdog_recovery"]
+        recoveries = lease_recoveries(cluster.entries(run.id))
         assert [e.data["previous_epoch"] for e in recoveries] == [1]
 
 
