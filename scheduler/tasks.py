@@ -87,7 +87,20 @@ def watchdog_sweep() -> dict[str, int]:
 
 @app.task(name=RETENTION, ignore_result=True)
 def retention() -> dict[str, int]:
-    """Delete entries and samples older than ``retention_days``, in small batches."""
+    """Remove entries and samples older than ``retention_days``; on PostgreSQL, drop whole
+    days and create the days ahead (:mod:`worker.store.partitions`)."""
     runtime = get_runtime()
     cutoff = datetime.now(UTC) - timedelta(days=runtime.settings.retention_days)
-    return runtime.store.delete_older_than(cutoff)
+    created = runtime.store.ensure_partitions()
+    removed = runtime.store.delete_older_than(cutoff)
+    if created or any(removed.values()):
+        _log.info(
+            "retention: %d entries and %d samples deleted, %d days of entries and %d of samples "
+            "dropped, %d partitions created",
+            removed["entries"],
+            removed["samples"],
+            removed["entry_days"],
+            removed["sample_days"],
+            len(created),
+        )
+    return {**removed, "partitions_created": len(created)}

@@ -354,7 +354,8 @@ def test_retention_deletes_only_old_rows_in_batches(store: Store) -> None:
         store.append_sample(run.id, {"i": i}, at=old)
     store.append_sample(run.id, {"i": "new"})
     deleted = store.delete_older_than(datetime(2021, 1, 1, tzinfo=UTC), batch=10)
-    assert deleted == {"entries": 25, "samples": 5}
+    # On PostgreSQL these are in the default partition (no day of 2020 exists): row by row.
+    assert (deleted["entries"], deleted["samples"]) == (25, 5)
     assert [e.event for e in store.entries(run.id)] == ["new"] * 3
     assert [v for _, v in store.samples(run.id)] == [{"i": "new"}]
 

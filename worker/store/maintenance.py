@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
+import logging
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, TableClause, delete, func, insert, select
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
 
+from worker.errors import StoreUnavailable
+from worker.store import partitions
 from worker.store.engine import aware
 from worker.store.entries import holds
 from worker.store.tables import log_entries, telemetry_samples
+
+_log = logging.getLogger(__name__)
 
 
 class MaintenanceQueries:
@@ -72,25 +79,102 @@ class MaintenanceQueries:
         conn.execute(delete(telemetry_samples).where(telemetry_samples.c.id.in_(doomed)))
 
     def delete_older_than(self, cutoff: datetime, *, batch: int = 5000) -> dict[str, int]:
-        """Delete entries and samples older than ``cutoff``, ``batch`` rows a transaction.
+        """Remove entries and samples older than ``cutoff``; returns what went.
 
-        Small transactions keep locks short: writers never wait behind retention.
+        On PostgreSQL each day older than the cutoff is dropped whole (its
+        partition), and only the default partition is deleted from row by row:
+        an entry lives between ``cutoff`` and a day past it. On SQLite, and for
+        the default partition, rows go ``batch`` a transaction, so writers never
+        wait behind retention. A day whose lock is busy stays for the next run.
         """
-        deleted = {"entries": 0, "samples": 0}
-        for name, table, column in (
-            ("entries", log_entries, log_entries.c.occurred_at),
-            ("samples", telemetry_samples, telemetry_samples.c.at),
+        removed = {"entries": 0, "samples": 0, "entry_days": 0, "sample_days": 0}
+        for rows, whole_days, table, column in (
+            ("entries", "entry_days", log_entries, log_entries.c.occurred_at.name),
+            ("samples", "sample_days", telemetry_samples, telemetry_samples.c.at.name),
         ):
-            while True:
-                doomed = select(table.c.id).where(column < cutoff).order_by(table.c.id).limit(batch)
+            target: TableClause = table
+            if self._partitioned(table.name):
+                removed[whole_days] = self._drop_days(table.name, cutoff)
+                # Rows by row only in the default partition, outside every day.
+                name = partitions.default_name(table.name)
+                target = sql_table(name, sql_column("id"), sql_column(column))
+            removed[rows] = self._delete_rows(target, target.c[column], cutoff, batch)
+        return removed
+
+    def _delete_rows(self, table: TableClause, column: Any, cutoff: datetime, batch: int) -> int:
+        deleted = 0
+        while True:
+            doomed = select(table.c.id).where(column < cutoff).order_by(table.c.id).limit(batch)
+            with self._transaction() as conn:
+                count = conn.execute(
+                    delete(table).where(table.c.id.in_(doomed.scalar_subquery()))
+                ).rowcount
+            deleted += count
+            if count < batch:
+                return deleted
+
+    def _partitioned(self, table: str) -> bool:
+        if self._reader.dialect.name != "postgresql":
+            return False
+        with self._reader.connect() as conn:
+            return partitions.is_partitioned(conn, table)
+
+    def _drop_days(self, table: str, cutoff: datetime) -> int:
+        """Drop ``table``'s days that end at or before ``cutoff``; returns how many."""
+        with self._reader.connect() as conn:
+            held = partitions.day_partitions(conn, table)
+        dropped = 0
+        for day in held:
+            if partitions.day_bounds(day)[1] > cutoff:
+                break
+            try:
                 with self._transaction() as conn:
-                    count = conn.execute(
-                        delete(table).where(table.c.id.in_(doomed.scalar_subquery()))
-                    ).rowcount
-                deleted[name] += count
-                if count < batch:
+                    partitions.drop_day(conn, table, day)
+            except StoreUnavailable as exc:
+                if not partitions.lock_busy(exc):
+                    raise
+                _log.warning(
+                    "retention: %s is busy; it is dropped next time",
+                    partitions.day_name(table, day),
+                )
+                continue
+            dropped += 1
+        return dropped
+
+    def ensure_partitions(self, today: date | None = None) -> list[str]:
+        """Create the days from yesterday to ``DAYS_AHEAD`` after ``today`` that are missing.
+
+        PostgreSQL only (nothing to do on SQLite). Returns the partitions created.
+        """
+        today = today or datetime.now(UTC).date()
+        created: list[str] = []
+        for table in partitions.PARTITIONED:
+            if not self._partitioned(table):
+                continue
+            with self._reader.connect() as conn:
+                held = partitions.day_partitions(conn, table)
+            wanted = partitions.days(
+                today - timedelta(days=1), today + timedelta(days=partitions.DAYS_AHEAD)
+            )
+            for day in wanted:
+                if day in held:
+                    continue
+                try:
+                    with self._transaction() as conn:
+                        moved = partitions.create_day(conn, table, day)
+                except StoreUnavailable as exc:
+                    if not partitions.lock_busy(exc):
+                        raise
+                    _log.warning("partitions: %s is busy; created next time", table)
                     break
-        return deleted
+                if moved:
+                    _log.info(
+                        "partitions: %s took %d rows from the default",
+                        partitions.day_name(table, day),
+                        moved,
+                    )
+                created.append(partitions.day_name(table, day))
+        return created
 
     def replace_samples(
         self, run_id: str, samples: list[tuple[datetime | None, dict[str, Any]]]

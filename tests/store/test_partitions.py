@@ -1,0 +1,190 @@
+"""Entries and samples partitioned by day on PostgreSQL: the migration, retention, new days."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from tests.conftest import PG_ADMIN_URL, require
+from worker.models import Level, NewEntry
+from worker.store import Store, migrate, partitions
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[str]:
+    """An empty PostgreSQL database of this test's own (its partitions are the test's)."""
+    name = f"quarry_parts_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        require("PostgreSQL", exc)
+    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def at(day: date, hour: int = 12) -> datetime:
+    """Noon (or ``hour``) UTC on ``day``."""
+    return datetime.combine(day, time(hour), tzinfo=UTC)
+
+
+def where(store: Store, table: str = "log_entries") -> dict[str, int]:
+    """Rows per partition of ``table``."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT tableoid::regclass::text, count(*) FROM {table} GROUP BY 1")
+        ).all()
+    return {name: count for name, count in rows}
+
+
+def snapshot(store: Store, run_id: str) -> list[tuple[object, ...]]:
+    """Every entry of a run, every field."""
+    return [
+        (e.id, e.level, e.event, e.message, e.data, e.worker_id, e.attempt, e.occurred_at)
+        for e in store.entries(run_id)
+    ]
+
+
+TODAY = datetime.now(UTC).date()
+DAYS = [TODAY - timedelta(days=n) for n in (35, 31, 2, 0)]
+
+
+def filled_at_0010(url: str) -> tuple[Store, str]:
+    """A store at the migration before partitions, with entries on ``DAYS`` and in 2020."""
+    store = Store(url)
+    migrate.upgrade(store.engine, "0010")
+    run = store.create_run("demo")
+    entries = [
+        NewEntry(run.id, Level.INFO, "e", f"{day} #{i}", at(day, i), {"i": i}, "w", 1)
+        for day in DAYS
+        for i in range(10)
+    ]
+    entries.append(NewEntry(run.id, Level.WARNING, "old", "2020", at(date(2020, 1, 1)), {}, "w", 1))
+    store.append_entries(entries)
+    for day in DAYS:
+        store.append_sample(run.id, {"day": str(day)}, at=at(day))
+    return store, run.id
+
+
+def test_migration_keeps_every_entry_id_and_sample_and_downgrades(fresh_pg: str) -> None:
+    """0010 → 0011 → 0010 → 0011: every entry and sample, same ids; the sequence goes on."""
+    store, run_id = filled_at_0010(fresh_pg)
+    before = snapshot(store, run_id)
+    samples = store.samples(run_id)
+    store.upgrade()
+    assert migrate.current_revision(store.engine) == migrate.head_revision()
+    assert snapshot(store, run_id) == before
+    assert store.samples(run_id) == samples
+    # Each row sits in its day; the 2020 entry (over MAX_BACKFILL_DAYS back) in the default.
+    placed = where(store)
+    assert placed == {
+        **{partitions.day_name("log_entries", day): 10 for day in DAYS},
+        "log_entries_default": 1,
+    }
+    assert sum(where(store, "telemetry_samples").values()) == len(DAYS)
+    with store.engine.connect() as conn:
+        held = partitions.day_partitions(conn, "log_entries")
+    for n in range(-1, partitions.DAYS_AHEAD + 1):  # yesterday to the days ahead
+        assert TODAY + timedelta(days=n) in held
+
+    store.append_entries([NewEntry(run_id, Level.INFO, "new", "n", datetime.now(UTC), {})])
+    added = store.entries(run_id)[-1]
+    assert added.id == before[-1][0] + 1  # type: ignore[operator]
+
+    config = migrate.alembic_config(fresh_pg)
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0010")
+    store.close()
+    store = Store(fresh_pg)
+    after_down = snapshot(store, run_id)
+    assert after_down[:-1] == before
+    assert after_down[-1][0] == added.id
+    store.append_entries([NewEntry(run_id, Level.INFO, "newer", "n", datetime.now(UTC), {})])
+    assert store.entries(run_id)[-1].id == added.id + 1
+    store.upgrade()
+    assert len(store.entries(run_id)) == len(before) + 2
+    store.close()
+
+
+def test_retention_drops_whole_days_and_deletes_only_the_default(fresh_pg: str) -> None:
+    """Days past the cutoff go whole; the day holding the cutoff and newer ones stay."""
+    store, run_id = filled_at_0010(fresh_pg)
+    store.upgrade()
+    cutoff = at(TODAY - timedelta(days=30), 6)
+    removed = store.delete_older_than(cutoff, batch=1)
+    assert removed == {"entries": 1, "samples": 0, "entry_days": 2, "sample_days": 2}
+    assert sorted({e.message.split(" ")[0] for e in store.entries(run_id)}) == sorted(
+        str(day) for day in DAYS[2:]
+    )
+    assert [v["day"] for _, v in store.samples(run_id)] == [str(day) for day in DAYS[2:]]
+    with store.engine.connect() as conn:
+        held = partitions.day_partitions(conn, "log_entries")
+    assert DAYS[0] not in held and DAYS[1] not in held and DAYS[2] in held
+    # Nothing more to do the second time.
+    again = store.delete_older_than(cutoff)
+    assert again == {"entries": 0, "samples": 0, "entry_days": 0, "sample_days": 0}
+    store.close()
+
+
+def test_a_busy_day_is_kept_for_the_next_retention(
+    fresh_pg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader holding the table: retention gives up on the day after its lock timeout."""
+    store, _run_id = filled_at_0010(fresh_pg)
+    store.upgrade()
+    reader = create_engine(fresh_pg)
+    cutoff = at(TODAY - timedelta(days=30), 6)
+    with reader.connect() as conn, conn.begin():
+        conn.execute(text("SELECT count(*) FROM log_entries")).scalar()
+        with caplog.at_level(logging.WARNING, logger="worker.store.maintenance"):
+            removed = store.delete_older_than(cutoff)
+    assert removed["entry_days"] == 0
+    assert "is busy; it is dropped next time" in caplog.text
+    assert store.delete_older_than(cutoff)["entry_days"] == 2
+    reader.dispose()
+    store.close()
+
+
+def test_a_day_created_late_takes_its_rows_from_the_default(fresh_pg: str) -> None:
+    """Entries for a day that has no partition wait in the default, then move, ids kept."""
+    store = Store(fresh_pg)
+    store.upgrade()
+    run = store.create_run("demo")
+    later = TODAY + timedelta(days=partitions.DAYS_AHEAD + 7)
+    store.append_entries(
+        [NewEntry(run.id, Level.INFO, "e", f"m{i}", at(later, i), {}) for i in range(5)]
+    )
+    store.append_sample(run.id, {"x": 1}, at=at(later))
+    before = snapshot(store, run.id)
+    assert where(store) == {"log_entries_default": 5}
+    created = store.ensure_partitions(today=later)
+    assert partitions.day_name("log_entries", later) in created
+    assert partitions.day_name("telemetry_samples", later) in created
+    assert where(store) == {partitions.day_name("log_entries", later): 5}
+    assert where(store, "telemetry_samples") == {partitions.day_name("telemetry_samples", later): 1}
+    assert snapshot(store, run.id) == before
+    assert store.ensure_partitions(today=later) == []
+    store.close()
+
+
+def test_sqlite_has_no_partitions(sqlite_url: str) -> None:
+    """The embedded store keeps plain tables: nothing to create, retention deletes rows."""
+    store = Store(sqlite_url)
+    assert store.ensure_partitions() == []
+    run = store.create_run("demo")
+    store.append_entries([NewEntry(run.id, Level.INFO, "old", "m", at(date(2020, 1, 1)), {})])
+    removed = store.delete_older_than(at(date(2021, 1, 1)))
+    assert removed == {"entries": 1, "samples": 0, "entry_days": 0, "sample_days": 0}
+    store.close()
