@@ -14,6 +14,9 @@ from worker.store import Store
 
 _log = logging.getLogger("quarry.watchdog")
 
+#: How long a run may have ended before the watchdog wakes the runs still waiting for it
+#: (its worker wakes them at once; this covers a worker that could not).
+WAKE_GRACE = timedelta(seconds=5)
 #: A graceful stop's re-queue is routine; every other action means something went wrong.
 _ROUTINE = frozenset({Action.FAST_RECOVER})
 
@@ -37,6 +40,12 @@ def sweep(
         if decision.action is not Action.NONE and act(
             store, decision, publish, max_attempts=max_attempts
         ):
+            won.append(decision)
+            log_action(decision)
+    # Runs waiting under max_active_runs for a run that ended without waking them.
+    for run in store.stranded_waiters(ended_before=now - WAKE_GRACE):
+        decision = Decision(run, Action.WAKE, f"{run.waiting_for}, which it waited for, ended")
+        if act(store, decision, publish, max_attempts=max_attempts):
             won.append(decision)
             log_action(decision)
     _log.debug("watchdog sweep: %d candidates, %d acted on", len(candidates), len(won))

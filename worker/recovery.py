@@ -45,6 +45,7 @@ class Action(enum.StrEnum):
     RECOVER = "recover"
     FAST_RECOVER = "fast_recover"
     REPUBLISH = "republish"
+    WAKE = "wake"
     GIVE_UP = "give_up"
     CANCEL = "cancel"
 
@@ -166,13 +167,13 @@ def act(
             expected_epoch=run.lease_epoch,
             recovery="fast",
         )
-    elif decision.action is Action.REPUBLISH:
-        entry = _entry(
-            run,
-            Event.WATCHDOG_RECOVERY,
-            f"Re-published queued run: {reason} (broker message lost?)",
-            reason=reason,
+    elif decision.action in {Action.REPUBLISH, Action.WAKE}:
+        message = (
+            f"Re-published queued run: {reason} (broker message lost?)"
+            if decision.action is Action.REPUBLISH
+            else f"Woke waiting run: {reason}"
         )
+        entry = _entry(run, Event.WATCHDOG_RECOVERY, message, reason=reason)
         won = store.claim_republish(run.id, run.queued_at, [entry])
     elif decision.action in {Action.GIVE_UP, Action.CANCEL}:
         entry = _entry(

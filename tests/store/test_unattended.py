@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from unittest import mock
 
+from scheduler.watchdog import WAKE_GRACE, sweep
+from worker import control
 from worker.models import Lease, Level, NewEntry, Status, Trigger
+from worker.recovery import Action
 from worker.store import Store
 from worker.store.pipelines import Fire
 from worker.store.store import Waiting
@@ -108,6 +112,37 @@ def test_a_limit_of_two_starts_two_and_the_freed_slot_goes_to_the_oldest(store: 
     assert [r.id for r in waiting] == [r.id for r in runs if r.id in {w.id for w in waiting}]
     assert isinstance(store.acquire(waiting[0].id, "w9", 30, max_active=2), Lease)
     assert isinstance(store.acquire(waiting[1].id, "w9", 30, max_active=2), Waiting)
+
+
+def test_a_run_ended_without_its_worker_has_its_waiter_woken_by_the_watchdog(
+    store: Store,
+) -> None:
+    """A forced cancel (its stuck worker wakes nobody): the next sweep publishes the run
+    that waited for it, once, and leaves a run waiting for a live run alone."""
+    first, second, other, blocked = (store.create_run(p) for p in ("p", "p", "q", "q"))
+    lease = store.acquire(first.id, "w1", 30, max_active=1)
+    other_lease = store.acquire(other.id, "w3", 30, max_active=1)
+    assert isinstance(lease, Lease) and isinstance(other_lease, Lease)
+    assert isinstance(store.acquire(second.id, "w2", 30, max_active=1), Waiting)
+    assert isinstance(store.acquire(blocked.id, "w4", 30, max_active=1), Waiting)
+    control.cancel(store, first.id, force=True, by="test")
+    published: list[str] = []
+    # Within the grace its worker (had it one) would have woken it: nothing yet.
+    sweep(store, published.append, max_attempts=3)
+    assert published == []
+    later = datetime.now(UTC) + 2 * WAKE_GRACE
+    assert [r.id for r in store.stranded_waiters(later)] == [second.id]
+    with mock.patch("scheduler.watchdog.datetime") as clock:
+        clock.now.return_value = later
+        won = sweep(store, published.append, max_attempts=3)
+        assert published == [second.id]
+        assert [(d.run.id, d.action) for d in won] == [(second.id, Action.WAKE)]
+        # Its queued clock restarted: the next sweep does not publish it again.
+        sweep(store, published.append, max_attempts=3)
+    assert published == [second.id]
+    (woke,) = [e for e in store.entries(second.id) if e.event == "watchdog_recovery"]
+    assert woke.message == f"Woke waiting run: {first.id}, which it waited for, ended"
+    assert isinstance(store.acquire(second.id, "w2", 30, max_active=1), Lease)
 
 
 def test_a_run_between_attempts_keeps_its_slot(store: Store) -> None:

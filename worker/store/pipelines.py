@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from worker.models import NewEntry, Run, Status, Trigger
+from worker.models import TERMINAL, NewEntry, Run, Status, Trigger
 from worker.store.engine import aware, utcnow
 from worker.store.tables import pipeline_state, queued_run, run_from_row, runs
 
@@ -283,6 +283,33 @@ class PipelineQueries:
                 runs.c.not_before.is_(None),
             )
             .order_by(runs.c.fire_time.is_(None), runs.c.fire_time, runs.c.created_at, runs.c.id)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [run_from_row(row) for row in conn.execute(query)]
+
+    def stranded_waiters(self, ended_before: datetime, limit: int = 100) -> list[Run]:
+        """Queued runs still waiting for a run that ended before ``ended_before``, and not
+        published again since it ended.
+
+        The run that ended wakes its waiters itself; one that ended without its worker
+        (a forced cancel of a stuck child, the watchdog's cancel of a dead one) did not.
+        """
+        blocker = runs.alias("blocker")
+        query = (
+            select(runs)
+            .join(blocker, blocker.c.id == runs.c.waiting_for)
+            .where(
+                runs.c.status == Status.QUEUED.value,
+                runs.c.waiting_for.is_not(None),
+                runs.c.cancel_requested.is_(False),
+                runs.c.not_before.is_(None),
+                blocker.c.status.in_([s.value for s in TERMINAL]),
+                blocker.c.finished_at < ended_before,
+                # Not published since: one wake each, the queued re-publish does the rest.
+                runs.c.queued_at <= blocker.c.finished_at,
+            )
+            .order_by(runs.c.queued_at)
             .limit(limit)
         )
         with self._reader.connect() as conn:
