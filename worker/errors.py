@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from worker import dbfaults
+
 if TYPE_CHECKING:
     from worker.models import StopReason
 
@@ -82,11 +84,12 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether a retry policy may try ``exc``'s run again: a transient fault, not a mistake.
 
     Quarry's own errors say so themselves; an ``OSError`` that escaped (a connection
-    reset, a timeout) is transient by nature.
+    reset, a timeout) is transient by nature, and so is a database's operational error
+    (:mod:`worker.dbfaults`), a refused login aside.
     """
     if isinstance(exc, QuarryError):
         return exc.retryable
-    return isinstance(exc, OSError)
+    return isinstance(exc, OSError) or dbfaults.is_transient(exc)
 
 
 class StopRequested(QuarryError):

@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from worker.dbfaults import is_transient
 from worker.destinations.base import SliceKey, SliceStats, WriteSpec
 from worker.destinations.pg_schema import (
     _COPY_CONTEXT,
@@ -142,7 +143,7 @@ class StagedTable:
                         raise DestinationError(self._locate(exc)) from None
         except psycopg.Error as exc:
             msg = f"{self.label}: {first_line(exc)}"
-            raise DestinationError(scrubber.text(msg)) from None
+            raise DestinationError(scrubber.text(msg), retryable=is_transient(exc)) from None
         self.rows += len(rows)
 
     def _stream_rows(self, rows: RowPage, names: list[str]) -> bool:
@@ -183,7 +184,9 @@ class StagedTable:
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
             self._abandon_stream()
-            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
+            raise DestinationError(
+                scrubber.text(f"{self.label}: {first_line(exc)}"), retryable=is_transient(exc)
+            ) from None
         self.rows += len(rows)
         return True
 
@@ -207,7 +210,9 @@ class StagedTable:
         except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
             raise DestinationError(self._locate(exc, self._stream_base)) from None
         except psycopg.Error as exc:
-            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
+            raise DestinationError(
+                scrubber.text(f"{self.label}: {first_line(exc)}"), retryable=is_transient(exc)
+            ) from None
 
     def _abandon_stream(self) -> None:
         stack, self._stream, self._stream_columns = self._stream, None, None
@@ -544,7 +549,9 @@ class StagedTable:
                 (self.rows, self.table, self.key.run_id, self.key.index),
             )
         except psycopg.Error as exc:
-            raise DestinationError(scrubber.text(f"{self.label}: {first_line(exc)}")) from None
+            raise DestinationError(
+                scrubber.text(f"{self.label}: {first_line(exc)}"), retryable=is_transient(exc)
+            ) from None
         return SliceStats(rows=self.rows, files=0, bytes=0)
 
     def publish(self) -> None:

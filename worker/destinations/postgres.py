@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from worker.dbfaults import is_transient
 from worker.destinations.base import Publish, RunScope, SliceKey
 from worker.destinations.pg_schema import (
     _FINISHED_KEPT,
@@ -172,8 +173,7 @@ class PostgresDestination:
                 )
             except psycopg.Error as exc:
                 msg = f"cannot connect to {self.describe()['url']}: {first_line(exc)}"
-                refused = "authentication failed" in str(exc) or "password" in str(exc)
-                raise DestinationError(scrubber.text(msg), retryable=not refused) from None
+                raise DestinationError(scrubber.text(msg), retryable=is_transient(exc)) from None
             self._ready = False
         if not self._ready:
             self._setup(self._conn)
@@ -205,7 +205,7 @@ class PostgresDestination:
             pass  # created concurrently by another worker: it exists now
         except psycopg.Error as exc:
             msg = f"cannot prepare schema {self.config.db_schema!r}: {first_line(exc)}"
-            raise DestinationError(scrubber.text(msg)) from None
+            raise DestinationError(scrubber.text(msg), retryable=is_transient(exc)) from None
         self._ready = True
 
     def table_name(self, resource: str) -> str:
@@ -248,7 +248,7 @@ class PostgresDestination:
                 conn.rollback()
             if isinstance(exc, psycopg.Error):
                 msg = f"cannot replace {', '.join(targets)}: {first_line(exc)}"
-                raise DestinationError(scrubber.text(msg)) from None
+                raise DestinationError(scrubber.text(msg), retryable=is_transient(exc)) from None
             raise
         if not done:
             conn.rollback()

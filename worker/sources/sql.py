@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
+from worker.dbfaults import is_transient
 from worker.errors import ConfigError, SourceError
 from worker.pipelines import ResourceConfig, Window, parse_options
 from worker.scrub import scrubber
@@ -112,7 +113,7 @@ class SqlSource:
             msg = f"{where}.table: no table {spec.table!r} in the source database"
             raise SourceError(msg) from None
         except SQLAlchemyError as exc:
-            raise SourceError(f"{where}: {_describe(exc)}", retryable=_transient(exc)) from None
+            raise SourceError(f"{where}: {_describe(exc)}", retryable=is_transient(exc)) from None
         wanted = [
             *(spec.columns or []),
             *(c for c in (spec.slice_column, spec.cursor_column) if c),
@@ -185,7 +186,7 @@ class SqlSource:
                 yield page
         except (SQLAlchemyError, psycopg.Error) as exc:
             raise SourceError(
-                f"{resource.name}: {_describe(exc)}", retryable=_transient(exc)
+                f"{resource.name}: {_describe(exc)}", retryable=is_transient(exc)
             ) from None
 
     def _pages(self, stmt: sa.Select[Any], bound: dict[str, Any]) -> Iterator[RowPage]:
@@ -255,20 +256,6 @@ def placeholders(query: str) -> set[str]:
 
 
 #: Words of a refused login: the database is up and said no, so a retry cannot help.
-_REFUSED_LOGIN = ("authentication failed", "access denied", "password", "permission denied")
-
-
-def _transient(exc: Exception) -> bool:
-    """Whether the database failed us (connection lost, server restarting) rather than the
-    pipeline (a bad column, a syntax error, bad credentials): only the former is retried."""
-    original = getattr(exc, "orig", None) or exc
-    operational = isinstance(original, psycopg.OperationalError) or isinstance(
-        exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError
-    )
-    text = str(original).lower()
-    return operational and not any(word in text for word in _REFUSED_LOGIN)
-
-
 def _describe(exc: Exception) -> str:
     """The driver's own message, first line only: no SQL text, no parameters."""
     original = getattr(exc, "orig", None)
