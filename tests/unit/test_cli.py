@@ -123,6 +123,49 @@ def test_pipelines_list(env: dict[str, str]) -> None:
     assert json.loads(result.stdout)[0]["name"] == "demo"
 
 
+def test_pipelines_pause_resume_and_the_list_of_their_state(env: dict[str, str]) -> None:
+    """Pause and resume are stored and shown; the list names the last run's status and the
+    runs show how a run started."""
+    Path(env["QUARRY_PIPELINES_FILE"]).write_text(
+        PIPELINES + '\n[pipelines.hourly]\nsource = { type = "demo" }\n'
+        'resources = [{ name = "profiles" }]\nschedule = "@hourly"\n'
+    )
+    store = Store(f"sqlite:///{Path(env['QUARRY_DATA_DIR']) / 'quarry.db'}")
+    store.upgrade()
+    older = store.create_run("hourly", triggered_by="cli:ann")
+    store.transition(older.id, Status.QUEUED, Status.CANCELLED)
+    newest = store.create_run("hourly", triggered_by="token:ci")
+
+    paused = quarry(env, "pipelines", "pause", "hourly")
+    assert paused.returncode == 0, paused.stderr
+    assert "paused hourly: its schedule fires no run until resumed" in paused.stdout
+    rows = {r["name"]: r for r in json.loads(quarry(env, "pipelines", "list", "--json").stdout)}
+    assert rows["hourly"]["paused"] is True
+    assert rows["hourly"]["paused_by"].startswith("cli:")
+    assert rows["hourly"]["next_fire"] is None
+    assert rows["hourly"]["last_status"] == "queued"
+    assert rows["hourly"]["last_run"] == newest.id
+    assert rows["hourly"]["recent_statuses"] == ["queued", "cancelled"]
+    assert rows["demo"]["last_status"] is None and rows["demo"]["schedule"] is None
+    assert "paused" in quarry(env, "pipelines", "list").stdout
+
+    resumed = json.loads(quarry(env, "pipelines", "resume", "hourly", "--json").stdout)
+    assert resumed["paused"] is False and resumed["next_fire"] is not None
+    assert store.pipeline_states(["hourly"])["hourly"].paused is False
+
+    unknown = quarry(env, "pipelines", "pause", "nope", "--json")
+    assert unknown.returncode == 1
+    error = json.loads(unknown.stdout or unknown.stderr)["error"]
+    assert "unknown pipeline 'nope'" in error["message"]
+
+    shown = quarry(env, "runs", "show", older.id)
+    assert "manual by cli:ann" in shown.stdout
+    assert json.loads(quarry(env, "runs", "show", newest.id, "--json").stdout)["triggered_by"] == (
+        "token:ci"
+    )
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
