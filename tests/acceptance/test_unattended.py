@@ -359,11 +359,13 @@ def test_a_stalled_page_fails_its_slice_and_force_cancel_ends_a_hung_run(
     """A page that never comes: past ``page_timeout`` the slice fails with an error saying
     so and the run takes its retry path. A run hung in a blocking read with a long
     page_timeout is ended by ``runs cancel --force`` at once, and its worker is free
-    within seconds and writes nothing more for it."""
+    within seconds and writes nothing more for it; one past its ``run_timeout`` fails,
+    not retried."""
     pg_cluster.env["CRM_TOKEN"] = crm.token
     with pg_cluster.pipelines_file.open("a") as fh:
         fh.write(http_pipeline(crm, "stall", retries="1", retry_delay='"1s"', page_timeout='"2s"'))
         fh.write(http_pipeline(crm, "hung", page_timeout='"10m"'))
+        fh.write(http_pipeline(crm, "timed", retries="2", run_timeout='"3s"', page_timeout='"10m"'))
     crm.hang_until = threading.Event()
     pg_cluster.worker("a")
     stalled = pg_cluster.trigger("stall")
@@ -389,6 +391,14 @@ def test_a_stalled_page_fails_its_slice_and_force_cancel_ends_a_hung_run(
     after = len(pg_cluster.entries(hung))
     demo = pg_cluster.trigger("small")
     assert pg_cluster.wait_status(demo, *ENDED, timeout=60).status is Status.SUCCEEDED
+    # A run past its run_timeout (its page still hanging) fails at its next check, and a
+    # timeout is not retried whatever the pipeline's retries.
+    timed = pg_cluster.trigger("timed")
+    run = pg_cluster.wait_status(timed, *ENDED, timeout=60)
+    assert run.status is Status.FAILED
+    assert "the attempt ran longer than its run_timeout (3.0s)" in (run.error_summary or "")
+    assert (run.attempt, run.retries) == (1, 0)
+    assert "run_retry" not in [e.event for e in pg_cluster.entries(timed)]
     crm.hang_until.set()  # the abandoned read returns now: nothing of it may land
     time.sleep(2)
     assert len(pg_cluster.entries(hung)) == after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ import structlog
 
 from tests.acceptance.harness import wait_for
 from worker import heartbeat, runlog
+from worker.errors import LeaseLost
 from worker.heartbeat import Heartbeat
 from worker.models import Lease, Status
 from worker.runlog import EntryWriter, StoreSink
@@ -118,3 +120,33 @@ def test_a_runner_stuck_after_a_forced_cancel_has_its_process_ended(
     wait_for(beat.lost.is_set, "the lost lease", 30)
     beat.stop()  # the runner stopped at its next check
     assert spared == []
+
+
+def test_a_runner_stuck_past_its_run_timeout_fails_the_run_and_has_its_process_ended(
+    leased: tuple[Store, Lease, EntryWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt's deadline passed and the runner never reached a check (a call that does
+    not return): past the grace the heartbeat ends the run ``failed``, not retryable, as
+    its holder, then the process."""
+    monkeypatch.setattr(heartbeat, "TIMEOUT_GRACE_SECONDS", 0.3)
+    store, lease, _ = leased
+    log = runlog.get_logger(run_id=lease.run_id, worker_id="w1").bind(attempt=1, epoch=lease.epoch)
+    ended: list[str] = []
+    beat = Heartbeat(store, lease, FAST, Telemetry(1), log, terminate=ended.append)
+    beat.deadline = time.monotonic()
+    beat.start()
+    try:
+        wait_for(lambda: ended, "the stuck runner's process to be ended", 30)
+    finally:
+        beat.stop()
+    assert "exceeded its run_timeout" in ended[0]
+    run = store.get_run(lease.run_id)
+    assert run.status is Status.FAILED
+    assert run.error_summary == (
+        "the attempt exceeded its run_timeout and the worker was stuck in a call"
+    )
+    (failed,) = store.entries(lease.run_id, event="run_failed")
+    assert failed.data["retryable"] is False and failed.data["error_type"] == "RunTimeout"
+    # The fence: the stuck runner's late writes are refused.
+    with pytest.raises(LeaseLost):
+        store.renew(lease, 30, {})
