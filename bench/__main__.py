@@ -164,8 +164,9 @@ def part(args: list[str], tmp: Path) -> int:
 
 
 def scale_rows() -> int:
-    """Log ingestion with many writers and many runs on PostgreSQL (bench.scale), then
-    stream clients over several API processes (bench.streams)."""
+    """Log ingestion with many writers and many runs on PostgreSQL (bench.scale), stream
+    clients over several API processes (bench.streams), pages at 20 million entries in
+    daily partitions (bench.partitions)."""
     from bench import scale  # noqa: PLC0415 - it imports this module's helpers
 
     url = fresh_pg("quarry_bench_scale")
@@ -175,9 +176,9 @@ def scale_rows() -> int:
         scale.main(url, row)
     finally:
         drop_pg("quarry_bench_scale")
-    from bench import streams  # noqa: PLC0415 - it imports this module's helpers
+    from bench import partitions, streams  # noqa: PLC0415 - they import this module's helpers
 
-    return streams.main([])
+    return streams.main([]) or partitions.main([])
 
 
 def unattended_rows() -> int:

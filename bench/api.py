@@ -191,8 +191,9 @@ def pages(url: str, samples: int = 200) -> list[tuple[str, list[float], list[flo
     return results
 
 
-def _raw_query(url: str, run_id: str) -> Any:
-    """The same keyset query through the raw driver, rows fetched and decoded."""
+def _raw_query(url: str, run_id: str, prepare_threshold: int | None = None) -> Any:
+    """The same keyset query through the raw driver, rows fetched and decoded (on
+    PostgreSQL prepared from the ``prepare_threshold``-th call; by default never)."""
     if url.startswith("sqlite"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), check_same_thread=False)
 
@@ -210,7 +211,7 @@ def _raw_query(url: str, run_id: str) -> Any:
     pg = psycopg.connect(
         url.replace("postgresql+psycopg://", "postgresql://"),
         autocommit=True,
-        prepare_threshold=None,
+        prepare_threshold=prepare_threshold,
     )
 
     def run_pg(after: int, levels: tuple[str, ...] | None) -> list[Any]:
