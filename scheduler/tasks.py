@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from scheduler import watchdog
 from scheduler.ticker import Ticker
+from worker import cleanup
 from worker.celery_app import RETENTION, SCHEDULE_TICK, WATCHDOG, app
 from worker.errors import ConfigError, StoreUnavailable
 from worker.pipelines import load_pipelines
@@ -76,10 +77,11 @@ def watchdog_sweep() -> dict[str, int]:
             max_attempts=settings.max_attempts,
             republish_after=timedelta(seconds=settings.queued_republish_seconds),
         )
+        cleaned = cleanup.clean_up(runtime.store, settings)
     except StoreUnavailable as exc:  # the first sweep after the outage does the work
         return _store_away("watchdog sweep", exc)
     _store_back()
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {"cleaned_up": len(cleaned)} if cleaned else {}
     for decision in decisions:
         counts[decision.action.value] = counts.get(decision.action.value, 0) + 1
     return counts

@@ -147,7 +147,9 @@ class Heartbeat:
             epoch=self.lease.epoch,
         )
         try:
-            self.store.finish(self.lease, Status.FAILED, [entry], error_summary=reason)
+            self.store.finish(
+                self.lease, Status.FAILED, [entry], error_summary=reason, cleanup_owed=True
+            )
         except Exception:
             logging.getLogger("quarry.heartbeat").warning("stuck run not ended", exc_info=True)
         self.lost.set()

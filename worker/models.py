@@ -110,6 +110,7 @@ class Event(enum.StrEnum):
     RUN_WAITING = "run_waiting"
     RUN_UNPUBLISHED = "run_unpublished"
     RUN_CLEANUP_FAILED = "run_cleanup_failed"
+    RUN_CLEANED_UP = "run_cleaned_up"
 
 
 #: Events after which a run's log gets no more entries until it is re-queued.

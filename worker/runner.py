@@ -182,9 +182,14 @@ class Runner(RunEndings):
     def _lease_lost(self, run_id: str, attempt: Attempt | None) -> Outcome:
         self.rt.writer.discard(run_id)
         with contextlib.suppress(StoreUnavailable):  # given up in a store outage
-            if attempt is not None and self.store.get_run(run_id).status.terminal:
+            if (
+                attempt is not None
+                and self.store.get_run(run_id).status.terminal
+                and self.store.claim_cleanup(run_id)
+            ):
                 # Ended by someone else (a forced cancel): nobody writes to it any more,
-                # so what its write modes must not leave can go.
+                # so what its write modes must not leave can go (unless the watchdog,
+                # which waits for a stuck worker, already did: worker.cleanup).
                 self._abort(attempt)
         return Outcome.LEASE_LOST
 

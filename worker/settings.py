@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     watchdog_interval_seconds: float = Field(default=10.0, gt=0)
     #: A run queued this long without a worker taking it is re-published (lost message).
     queued_republish_seconds: float = Field(default=60.0, gt=0)
+    #: A run ended without its worker (a forced cancel, a dead worker's) has its write-mode
+    #: cleanup done by the watchdog this long after it ended, when its worker writes no more.
+    cleanup_after_seconds: float = Field(default=30.0, gt=0, le=86_400)
     #: After SIGTERM the worker waits this long for runs to reach a safe point, then
     #: escalates to Celery's cold shutdown.
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)

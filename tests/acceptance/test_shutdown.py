@@ -223,6 +223,46 @@ def test_two_watchdogs_recover_each_stale_epoch_once(cluster: Cluster) -> None:
         assert [e.data["previous_epoch"] for e in recoveries] == [1]
 
 
+SLOW_REMOVE = """
+[pipelines.slow_remove]
+source = { type = "demo", seed = 9, profiles = 100, events_per_slice = 60, page_size = 20, page_latency_ms = 60 }
+resources = [
+  { name = "profiles" },
+  { name = "events", on_failure = "remove", slices = { start = "2026-01-01T00:00:00Z", end = "2026-01-02T06:00:00Z", step = "1h" } },
+]
+"""
+
+
+def test_a_forced_cancel_of_a_frozen_child_is_cleaned_up_by_the_watchdog(
+    cluster: Cluster,
+) -> None:
+    """The child holding the run is frozen (it never reaches a check, its heartbeat is
+    frozen too), the run is cancelled by force and the child killed: the watchdog, not
+    the dead worker, removes what ``on_failure = "remove"`` promises to leave nothing of,
+    and only that; the pool's next child runs the next run."""
+    with cluster.pipelines_file.open("a") as fh:
+        fh.write(SLOW_REMOVE)
+    cluster.env["QUARRY_CLEANUP_AFTER_SECONDS"] = "2"
+    a = cluster.worker("a")
+    cluster.beat()
+    run_id = cluster.trigger("slow_remove")
+    wait_for(lambda: cluster.slices_done(run_id) >= 3, "3 committed slices")
+    output = cluster.data_dir / "output" / "slow_remove" / run_id
+    assert sorted(p.name for p in output.iterdir()) == ["events", "profiles"]
+    (child,) = a.children()
+    os.kill(child, signal.SIGSTOP)
+    control.cancel(cluster.store, run_id, force=True, by="test")
+    os.kill(child, signal.SIGKILL)
+    wait_for(
+        lambda: any(e.event == "run_cleaned_up" for e in cluster.entries(run_id)),
+        "the watchdog's cleanup",
+    )
+    assert sorted(p.name for p in output.iterdir()) == ["profiles"]  # append keep stays
+    run = cluster.store.get_run(run_id)
+    assert run.status is Status.CANCELLED and "by force" in (run.error_summary or "")
+    assert cluster.wait_status(cluster.trigger("small"), Status.SUCCEEDED)
+
+
 def test_cancel_while_queued_and_while_running(cluster: Cluster) -> None:
     """A queued run is cancelled at once; a running one stops at a safe point with run_cancelled."""
     queued = cluster.store.create_run("slow")  # never published: stays queued

@@ -470,12 +470,15 @@ class Store(
         summary: dict[str, Any] | None = None,
         before_commit: Callable[[], None] | None = None,
         interruption: str = "sigterm",
+        cleanup_owed: bool = False,
     ) -> None:
         """End the holder's tenure: set ``status``, release the lease, write the entries.
 
         ``before_commit`` runs inside the fenced transaction (a destination's replace
         swap): it happens if and only if this holder still owned the run.
         ``interruption`` is the kind an ``interrupted`` end is counted as (the signal).
+        ``cleanup_owed``: the holder ends the run but cannot clean up after it (its
+        process is about to be ended); the watchdog does (:mod:`worker.cleanup`).
         """
         if not can_transition(Status.RUNNING, status) or status is Status.QUEUED:
             raise IllegalTransition(f"{Status.RUNNING} -> {status}")
@@ -490,6 +493,8 @@ class Store(
             values["finished_at"] = now
         if error_summary is not None:
             values["error_summary"] = error_summary
+        if cleanup_owed:
+            values["cleanup_owed"] = True
 
         def count(conn: Connection, row: Any) -> None:
             if status in TERMINAL:

@@ -88,7 +88,16 @@ runs = Table(
     Column("waiting_for", String(64), nullable=True),
     # Why the current attempt exists, past the first: "retry of attempt 2", "recovery of …".
     Column("attempt_reason", String(300), nullable=True),
+    # Ended by someone else than its worker: the watchdog removes what its write modes must
+    # not leave (migration 0012).
+    Column("cleanup_owed", Boolean, nullable=False, server_default=text("false")),
     Index("ix_runs_status_queued_at", "status", "queued_at"),
+    Index(
+        "ix_runs_cleanup_owed",
+        "finished_at",
+        postgresql_where=text("cleanup_owed"),
+        sqlite_where=text("cleanup_owed"),
+    ),
     Index("uq_runs_pipeline_fire_time", "pipeline", "fire_time", unique=True),
     Index(
         "ix_runs_not_before",

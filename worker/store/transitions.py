@@ -67,6 +67,9 @@ class RunTransitions:
             values["queued_at"] = now
         if target in TERMINAL:
             values["finished_at"] = now
+            if expected is Status.RUNNING:
+                # Ended over its worker's head: its write modes' cleanup falls to the watchdog.
+                values["cleanup_owed"] = True
         if bump_attempt:
             values["attempt"] = runs.c.attempt + 1
             values["attempt_reason"] = attempt_reason[:300] if attempt_reason else None
@@ -133,6 +136,28 @@ class RunTransitions:
         )
         with self._reader.connect() as conn:
             return [run_from_row(row) for row in conn.execute(query)]
+
+    def owed_cleanups(self, ended_before: datetime, limit: int = 20) -> list[Run]:
+        """Runs ended without their worker before ``ended_before``, whose write-mode cleanup
+        nobody has done yet (oldest first)."""
+        query = (
+            select(runs)
+            .where(runs.c.cleanup_owed, runs.c.finished_at < ended_before)
+            .order_by(runs.c.finished_at)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [run_from_row(row) for row in conn.execute(query)]
+
+    def claim_cleanup(self, run_id: str) -> bool:
+        """Take ``run_id``'s owed cleanup; False when another sweep or its worker took it."""
+        with self._transaction() as conn:
+            claimed = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.cleanup_owed)
+                .values(cleanup_owed=False)
+            ).rowcount
+        return claimed == 1
 
     def claim_republish(
         self, run_id: str, queued_at: datetime, entries: Sequence[NewEntry] = ()
