@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from unittest import mock
 
 from scheduler.watchdog import WAKE_GRACE, sweep
 from worker import control
 from worker.models import Lease, Level, NewEntry, Status, Trigger
 from worker.recovery import Action
+from worker.runner import Runner
 from worker.store import Store
 from worker.store.pipelines import Fire
 from worker.store.store import Waiting
@@ -183,3 +185,27 @@ def test_the_newest_runs_of_each_pipeline_in_one_query(store: Store) -> None:
     for name, runs in made.items():
         assert [r.id for r in last[name]] == [r.id for r in reversed(runs)][:3]
     assert last["none"] == []
+
+
+def test_the_incremental_mark_comes_from_the_newest_succeeded_run_only(store: Store) -> None:
+    """A failed or cancelled run (even a newer one) never advances the mark the next run
+    reads from; neither does one still running."""
+
+    def run_with_mark(status: Status | None, mark: int) -> None:
+        run = store.create_run("p")
+        lease = store.acquire(run.id, "w", 30)
+        assert isinstance(lease, Lease)
+        checkpoint = {"resources": {"orders": {"status": "in_progress", "high_water": mark}}}
+        if status is None:
+            store.commit(lease, checkpoint=checkpoint)
+        else:
+            store.finish(lease, status, checkpoint=checkpoint, error_summary="x")
+
+    run_with_mark(Status.SUCCEEDED, 10)
+    run_with_mark(Status.FAILED, 20)
+    run_with_mark(Status.CANCELLED, 30)
+    run_with_mark(None, 40)
+    marks = Runner._previous_marks(SimpleNamespace(store=store), "p")  # type: ignore[arg-type]
+    assert marks == {"orders": 10}
+    run_with_mark(Status.SUCCEEDED, 50)
+    assert Runner._previous_marks(SimpleNamespace(store=store), "p") == {"orders": 50}  # type: ignore[arg-type]
