@@ -6,18 +6,21 @@ The browser's view of the same pages (live updates, the log, the charts) is
 
 from __future__ import annotations
 
+import html
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from worker import control
 from worker.api import create_app
-from worker.models import Level, NewEntry
+from worker.console import pages
+from worker.models import Lease, Level, NewEntry, Status
 from worker.settings import Settings
 from worker.store import Store
 
@@ -239,3 +242,104 @@ def test_the_vendored_files_match_their_pins() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def row_ids(html: str) -> list[str]:
+    """The runs table's rows, in page order."""
+    return re.findall(r'<tr data-run="([^"]+)"', html)
+
+
+def test_the_runs_table_filters_and_pages_through_its_url(
+    app_store: tuple[TestClient, Store],
+) -> None:
+    """Status and pipeline filters, cursor pages of 50 (newest first, each run once), shareable
+    links that keep the filters, and a 400 naming a bad filter."""
+    client, store = app_store
+    alpha = [store.create_run("alpha").id for _ in range(60)]
+    beta = [store.create_run("beta").id for _ in range(3)]
+    for run_id in beta[:2]:
+        control.cancel(store, run_id)
+    sign_in(client, store, "read")
+    assert row_ids(client.get("/runs?pipeline=beta").text) == beta[::-1]
+    assert row_ids(client.get("/runs?status=cancelled").text) == beta[:2][::-1]
+    assert row_ids(client.get("/runs?status=cancelled&pipeline=alpha").text) == []
+
+    first = client.get("/runs?pipeline=alpha").text
+    assert row_ids(first) == alpha[::-1][:50]
+    older = re.search(r'href="/runs\?([^"]+)" rel="next"', first)
+    assert older is not None and "pipeline=alpha" in older.group(1)
+    second = client.get(f"/runs?{html.unescape(older.group(1))}").text
+    assert row_ids(second) == alpha[::-1][50:]
+    assert 'rel="next"' not in second and "« Newest" in second
+    # The live refresh reads the same view.
+    assert (
+        row_ids(client.get(f"/runs/table?{html.unescape(older.group(1))}").text)
+        == (alpha[::-1][50:])
+    )
+
+    for query, words in (
+        ("status=weird", "status: Input should be"),
+        ("cursor=run_nope", "cursor: no such run in this view"),
+        ("colour=red", "colour: Extra inputs are not permitted"),
+    ):
+        bad = client.get(f"/runs?{query}")
+        assert bad.status_code == 400, (query, bad.text)
+        assert words in bad.text, (query, bad.text)
+
+
+def test_the_strip_and_the_header_say_how_things_stand(
+    app_store: tuple[TestClient, Store],
+) -> None:
+    """The dashboard strip counts what the store holds; a run's header puts its checkpoint in
+    words (``events: slice 37/104``)."""
+    client, store = app_store
+    pages._STRIPS._entries.clear()
+    running = store.create_run("demo")
+    lease = store.acquire(running.id, "w1", 30)
+    assert isinstance(lease, Lease)
+    store.commit(
+        lease,
+        checkpoint={
+            "resources": {"events": {"status": "in_progress", "next_slice": 38}},
+            "position": {"resource": "events", "slice": 37, "slices": 104},
+        },
+    )
+    # Its telemetry: 200 rows before the last hour, 1,434 now: 1,234 in the hour.
+    store.append_sample(running.id, {"rows_loaded": 100}, at=datetime.now(UTC) - timedelta(hours=2))
+    store.append_sample(
+        running.id, {"rows_loaded": 200}, at=datetime.now(UTC) - timedelta(minutes=50)
+    )
+    store.append_sample(running.id, {"rows_loaded": 1434})
+    store.create_run("demo")
+    failed = store.create_run("demo")
+    failed_lease = store.acquire(failed.id, "w2", 30)
+    assert isinstance(failed_lease, Lease)
+    store.finish(failed_lease, Status.FAILED, error_summary="boom")
+    sign_in(client, store, "read")
+    strip = client.get("/strip").text
+    counts = dict(re.findall(r'data-k="(\w+)">([\d,]+)<', strip))
+    assert counts == {
+        "running": "1",
+        "queued": "1",
+        "succeeded": "0",
+        "failed": "1",
+        "rows": "1,234",
+        "interrupted": "0",
+        "recovered": "0",
+    }
+    header = client.get(f"/runs/{running.id}").text
+    assert '<dd id="run-checkpoint">events: slice 37/104</dd>' in header
+
+
+def test_the_pipelines_page_shows_each_pipelines_last_runs(
+    app_store: tuple[TestClient, Store],
+) -> None:
+    client, store = app_store
+    ended = store.create_run("demo")
+    control.cancel(store, ended.id)
+    newest = store.create_run("demo")
+    sign_in(client, store, "read")
+    page = client.get("/pipelines").text
+    chips = re.findall(r'<a class="chip s-(\w+)" href="/runs/([^"]+)"', page)
+    assert chips[:2] == [("queued", newest.id), ("cancelled", ended.id)]
+    assert "Trigger a run" not in page  # read scope: no buttons
