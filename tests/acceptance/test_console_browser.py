@@ -13,7 +13,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -319,4 +319,75 @@ def test_stored_text_is_inert_on_every_page(browser: Any, console: Console) -> N
     page.goto("/pipelines")
     assert tab.dialogs == [] and tab.errors == []
     assert page.evaluate("window.__pwned") is None
+    tab.close()
+
+
+def test_a_long_log_pages_in_older_lines_within_its_cap_and_filters(
+    browser: Any, console: Console
+) -> None:
+    """A 6,000-entry run: it opens at its tail, scrolling up pages older lines in and never
+    holds more than 2,000; the level and event filters read filtered pages; the rows/s and
+    bytes sparklines are drawn from the samples."""
+    store = console.cluster.store
+    run_id = store.create_run("demo").id
+    lease = store.acquire(run_id, "w1", 30)
+    assert lease is not None
+    now = datetime.now(UTC)
+
+    def entry(i: int) -> NewEntry:
+        level = Level.ERROR if i == 4321 else Level.WARNING if i % 100 == 0 else Level.INFO
+        event = "boom" if i == 4321 else "slice_completed"
+        return NewEntry(run_id, level, event, f"line {i}", now, {"i": i}, "w1", 1)
+
+    store.append_entries([entry(i) for i in range(6000)])
+    for minutes, rows in ((3, 0), (2, 5000), (1, 12000)):
+        at = now - timedelta(minutes=minutes)
+        store.append_sample(run_id, {"rows_loaded": rows, "bytes_loaded": rows * 40}, at=at)
+    store.finish(lease, Status.SUCCEEDED)
+    ids = [e.id for e in store.entries(run_id, limit=10_000)]  # the 6,000 and the end
+
+    tab = Tab(browser, console.base, console.token("read"))
+    page = tab.page
+    page.goto(f"/runs/{run_id}")
+    until(page, "() => document.querySelectorAll('#log .line').length >= 500", "the tail")
+    assert log_ids(page) == ids[-500:]
+    held = []
+    for _ in range(8):  # 8 pages of 500 older lines
+        before = log_ids(page)[0]
+        page.evaluate("() => { document.getElementById('log').scrollTop = 0; }")
+        wait_for(lambda before=before: log_ids(page)[0] < before, "an older page")
+        shown = log_ids(page)
+        held.append(len(shown))
+        assert shown == ids[ids.index(shown[0]) : ids.index(shown[0]) + len(shown)]
+    assert max(held) == 2000, held  # never more, and reading back fills the page
+    assert log_ids(page)[0] == ids[-4500]
+
+    page.select_option("#log-level", "warning")
+    until(
+        page,
+        "() => [...document.querySelectorAll('#log .line')].every(l => !l.matches('.l-info'))"
+        " && document.querySelectorAll('#log .line').length > 0",
+        "warnings and errors only",
+    )
+    wait_for(lambda: len(log_ids(page)) == 61, "every warning and the error")
+    page.select_option("#log-level", "")
+    page.fill("#log-event", "boom")
+    until(page, "() => document.querySelectorAll('#log .line').length === 1", "the one event")
+    assert page.get_attribute("#log .line", "data-event") == "boom"
+    for series in ("rate", "bytes"):
+        wait_for(
+            lambda series=series: (
+                int(page.get_attribute(f".spark[data-series='{series}']", "data-points") or 0) == 3
+            ),
+            f"the {series} sparkline's points",
+        )
+        drawn = page.evaluate(
+            """s => { const c = document.querySelector(`.spark[data-series='${s}'] canvas`);
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""",
+            series,
+        )
+        assert drawn > 0, f"the {series} sparkline is blank"
+    tab.shot("run-long-log")
+    assert tab.dialogs == [] and tab.errors == []
     tab.close()
