@@ -177,6 +177,10 @@ def test_max_active_runs_one_runs_four_simultaneous_runs_one_after_another(
             )
         spans.sort()
         assert all(prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(spans))
+        # The same from the run records: each lease taken after the one before was released.
+        held = sorted((r.started_at, r.finished_at) for r in ended)
+        assert all(None not in span for span in held)
+        assert all(prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(held))  # type: ignore[operator]
         waited = [r for r in runs if any(e.event == "run_waiting" for e in cluster.entries(r.id))]
         assert len(waited) >= 1
         for run in waited:
