@@ -60,32 +60,75 @@ TODAY = datetime.now(UTC).date()
 DAYS = [TODAY - timedelta(days=n) for n in (35, 31, 2, 0)]
 
 
-def filled_at_0010(url: str) -> tuple[Store, str]:
-    """A store at the migration before partitions, with entries on ``DAYS`` and in 2020."""
+RUN = "run_0000000000partition"
+
+
+def rows(store: Store, table: str = "log_entries") -> list[tuple[object, ...]]:
+    """Every row of ``table``, every column, in id order (raw SQL: any revision)."""
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY id"))]
+
+
+def add_entry(store: Store, message: str) -> int:
+    """One entry through raw SQL (any revision); its id."""
+    with store.engine.begin() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "INSERT INTO log_entries (run_id, level, event, message, data, worker_id,"
+                    " attempt, occurred_at) VALUES (:r, 'info', 'e', :m, '{}', 'w', 1, now())"
+                    " RETURNING id"
+                ),
+                {"r": RUN, "m": message},
+            ).scalar_one()
+        )
+
+
+def filled_at_0010(url: str) -> Store:
+    """A store at the migration before partitions, with entries on ``DAYS`` and in 2020 and
+    samples, written in raw SQL (the store's own code follows the newest schema)."""
     store = Store(url)
     migrate.upgrade(store.engine, "0010")
-    run = store.create_run("demo")
+    now = datetime.now(UTC)
     entries = [
-        NewEntry(run.id, Level.INFO, "e", f"{day} #{i}", at(day, i), {"i": i}, "w", 1)
+        {"m": f"{day} #{i}", "at": at(day, i), "d": f'{{"i": {i}}}'}
         for day in DAYS
         for i in range(10)
     ]
-    entries.append(NewEntry(run.id, Level.WARNING, "old", "2020", at(date(2020, 1, 1)), {}, "w", 1))
-    store.append_entries(entries)
-    for day in DAYS:
-        store.append_sample(run.id, {"day": str(day)}, at=at(day))
-    return store, run.id
+    entries.append({"m": "2020", "at": at(date(2020, 1, 1)), "d": "{}"})
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, pipeline, status, attempt, params, lease_epoch, checkpoint,"
+                " telemetry_summary, cancel_requested, created_at, queued_at, updated_at)"
+                " VALUES (:r, 'demo', 'queued', 1, '{}', 0, '{}', '{}', false, :n, :n, :n)"
+            ),
+            {"r": RUN, "n": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO log_entries (run_id, level, event, message, data, worker_id, attempt,"
+                " occurred_at) VALUES (:r, 'info', 'e', :m, CAST(:d AS jsonb), 'w', 1, :at)"
+            ),
+            [{"r": RUN, **e} for e in entries],
+        )
+        conn.execute(
+            text(
+                'INSERT INTO telemetry_samples (run_id, at, "values")'
+                " VALUES (:r, :at, CAST(:v AS jsonb))"
+            ),
+            [{"r": RUN, "at": at(day), "v": f'{{"day": "{day}"}}'} for day in DAYS],
+        )
+    return store
 
 
 def test_migration_keeps_every_entry_id_and_sample_and_downgrades(fresh_pg: str) -> None:
     """0010 → 0011 → 0010 → 0011: every entry and sample, same ids; the sequence goes on."""
-    store, run_id = filled_at_0010(fresh_pg)
-    before = snapshot(store, run_id)
-    samples = store.samples(run_id)
-    store.upgrade()
-    assert migrate.current_revision(store.engine) == migrate.head_revision()
-    assert snapshot(store, run_id) == before
-    assert store.samples(run_id) == samples
+    store = filled_at_0010(fresh_pg)
+    before, samples = rows(store), rows(store, "telemetry_samples")
+    migrate.upgrade(store.engine, "0011")
+    assert rows(store) == before
+    assert rows(store, "telemetry_samples") == samples
     # Each row sits in its day; the 2020 entry (over MAX_BACKFILL_DAYS back) in the default.
     placed = where(store)
     assert placed == {
@@ -97,30 +140,27 @@ def test_migration_keeps_every_entry_id_and_sample_and_downgrades(fresh_pg: str)
         held = partitions.day_partitions(conn, "log_entries")
     for n in range(-1, partitions.DAYS_AHEAD + 1):  # yesterday to the days ahead
         assert TODAY + timedelta(days=n) in held
-
-    store.append_entries([NewEntry(run_id, Level.INFO, "new", "n", datetime.now(UTC), {})])
-    added = store.entries(run_id)[-1]
-    assert added.id == before[-1][0] + 1  # type: ignore[operator]
+    added = add_entry(store, "new")
+    assert added == before[-1][0] + 1  # type: ignore[operator]
 
     config = migrate.alembic_config(fresh_pg)
     with store.engine.begin() as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, "0010")
-    store.close()
-    store = Store(fresh_pg)
-    after_down = snapshot(store, run_id)
+    after_down = rows(store)
     assert after_down[:-1] == before
-    assert after_down[-1][0] == added.id
-    store.append_entries([NewEntry(run_id, Level.INFO, "newer", "n", datetime.now(UTC), {})])
-    assert store.entries(run_id)[-1].id == added.id + 1
+    assert after_down[-1][0] == added
+    assert add_entry(store, "newer") == added + 1
     store.upgrade()
-    assert len(store.entries(run_id)) == len(before) + 2
+    assert migrate.current_revision(store.engine) == migrate.head_revision()
+    assert len(rows(store)) == len(before) + 2
     store.close()
 
 
 def test_retention_drops_whole_days_and_deletes_only_the_default(fresh_pg: str) -> None:
     """Days past the cutoff go whole; the day holding the cutoff and newer ones stay."""
-    store, run_id = filled_at_0010(fresh_pg)
+    store = filled_at_0010(fresh_pg)
+    run_id = RUN
     store.upgrade()
     cutoff = at(TODAY - timedelta(days=30), 6)
     removed = store.delete_older_than(cutoff, batch=1)
@@ -142,7 +182,7 @@ def test_a_busy_day_is_kept_for_the_next_retention(
     fresh_pg: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A reader holding the table: retention gives up on the day after its lock timeout."""
-    store, _run_id = filled_at_0010(fresh_pg)
+    store = filled_at_0010(fresh_pg)
     store.upgrade()
     reader = create_engine(fresh_pg)
     cutoff = at(TODAY - timedelta(days=30), 6)
