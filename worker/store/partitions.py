@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
+from typing import NamedTuple
 
 import psycopg.errors
 from sqlalchemy import Connection, text
@@ -144,6 +145,63 @@ def drop_day(conn: Connection, table: str, day: date) -> None:
     conn.execute(text(f"DROP TABLE {day_name(table, day)}"))
 
 
+class _Shape(NamedTuple):
+    """What a table swap must carry over: the indexes and foreign keys (name, definition)
+    and the id sequence's position."""
+
+    indexes: list[tuple[str, str]]
+    foreign: list[tuple[str, str]]
+    last_value: int
+    is_called: bool
+
+
+def _set_aside(conn: Connection, table: str, old: str) -> _Shape:
+    """Read ``table``'s shape, rename it ``old`` and strip its keys and indexes (their names
+    are free for the table that replaces it)."""
+    indexes = conn.execute(
+        text(
+            "SELECT indexname, indexdef FROM pg_indexes "
+            "WHERE tablename = :t AND schemaname = current_schema() AND indexname NOT LIKE 'pk_%'"
+        ),
+        {"t": table},
+    ).all()
+    foreign = conn.execute(
+        text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = CAST(:t AS regclass) AND contype = 'f'"
+        ),
+        {"t": table},
+    ).all()
+    last_value, is_called = conn.execute(
+        text(f"SELECT last_value, is_called FROM {table}_id_seq")  # noqa: S608
+    ).one()
+    conn.execute(text(f"ALTER TABLE {table} RENAME TO {old}"))
+    for name, _definition in indexes:
+        conn.execute(text(f"DROP INDEX {name}"))
+    conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT pk_{table}"))
+    for name, _definition in foreign:
+        conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT {name}"))
+    return _Shape(
+        [(str(n), str(d)) for n, d in indexes],
+        [(str(n), str(d)) for n, d in foreign],
+        int(last_value),
+        bool(is_called),
+    )
+
+
+def _restore(conn: Connection, table: str, shape: _Shape) -> None:
+    """Put ``shape``'s sequence position, indexes and foreign keys on ``table`` (after the
+    copy: each index is built once, not row by row)."""
+    conn.execute(
+        text("SELECT setval(CAST(:s AS regclass), :v, :c)"),
+        {"s": f"{table}_id_seq", "v": shape.last_value, "c": shape.is_called},
+    )
+    for _name, definition in shape.indexes:
+        conn.execute(text(definition))
+    for name, definition in shape.foreign:
+        conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
+
+
 def convert(conn: Connection, table: str, today: date) -> None:
     """Turn ``table`` (plain, with its identity ``id``) into its partitioned form.
 
@@ -158,45 +216,18 @@ def convert(conn: Connection, table: str, today: date) -> None:
     column = PARTITIONED[table]
     old = f"{table}_unpartitioned"
     sequence = f"{table}_id_seq"
-    indexes = conn.execute(
-        text(
-            "SELECT indexname, indexdef FROM pg_indexes "
-            "WHERE tablename = :t AND schemaname = current_schema() AND indexname NOT LIKE 'pk_%'"
-        ),
-        {"t": table},
-    ).all()
-    foreign = conn.execute(
-        text(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-            "WHERE conrelid = CAST(:t AS regclass) AND contype = 'f'"
-        ),
-        {"t": table},
-    ).all()
-    last_value, is_called = conn.execute(
-        text(f"SELECT last_value, is_called FROM {sequence}")  # noqa: S608
-    ).one()
     # The days that hold rows: one scan, next to the copy's own.
     held = conn.execute(
         text(f"SELECT DISTINCT date_trunc('day', {column}, 'UTC') FROM {table}")  # noqa: S608
     ).scalars()
     filled = {day.astimezone(UTC).date() for day in held}
-
-    conn.execute(text(f"ALTER TABLE {table} RENAME TO {old}"))
-    for name, _definition in indexes:
-        conn.execute(text(f"DROP INDEX {name}"))
-    conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT pk_{table}"))
-    for name, _definition in foreign:
-        conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT {name}"))
+    shape = _set_aside(conn, table, old)
     conn.execute(text(f"ALTER TABLE {old} ALTER COLUMN id DROP IDENTITY"))  # drops the sequence
 
     conn.execute(
         text(f"CREATE TABLE {table} (LIKE {old} INCLUDING DEFAULTS) PARTITION BY RANGE ({column})")
     )
     conn.execute(text(f"CREATE SEQUENCE {sequence} OWNED BY {table}.id"))
-    conn.execute(
-        text("SELECT setval(CAST(:s AS regclass), :v, :c)"),
-        {"s": sequence, "v": last_value, "c": is_called},
-    )
     conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{sequence}')"))
     conn.execute(text(f"CREATE TABLE {default_name(table)} PARTITION OF {table} DEFAULT"))
     recent = set(days(today - timedelta(days=1), today + timedelta(days=DAYS_AHEAD)))
@@ -206,53 +237,19 @@ def convert(conn: Connection, table: str, today: date) -> None:
 
     conn.execute(text(f"INSERT INTO {table} SELECT * FROM {old}"))  # noqa: S608
     conn.execute(text(f"DROP TABLE {old}"))
-    # Keys and indexes after the copy: built once each, not row by row.
     conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT pk_{table} PRIMARY KEY (id, {column})"))
-    for _name, definition in indexes:
-        conn.execute(text(definition))
-    for name, definition in foreign:
-        conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
+    _restore(conn, table, shape)
 
 
 def unconvert(conn: Connection, table: str) -> None:
     """:func:`convert` undone: ``table`` plain again, with every row and its identity ``id``."""
     old = f"{table}_partitioned"
-    sequence = f"{table}_id_seq"
-    indexes = conn.execute(
-        text(
-            "SELECT indexname, indexdef FROM pg_indexes "
-            "WHERE tablename = :t AND schemaname = current_schema() AND indexname NOT LIKE 'pk_%'"
-        ),
-        {"t": table},
-    ).all()
-    foreign = conn.execute(
-        text(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-            "WHERE conrelid = CAST(:t AS regclass) AND contype = 'f'"
-        ),
-        {"t": table},
-    ).all()
-    last_value, is_called = conn.execute(
-        text(f"SELECT last_value, is_called FROM {sequence}")  # noqa: S608
-    ).one()
-    conn.execute(text(f"ALTER TABLE {table} RENAME TO {old}"))
-    for name, _definition in indexes:
-        conn.execute(text(f"DROP INDEX {name}"))
-    conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT pk_{table}"))
-    for name, _definition in foreign:
-        conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT {name}"))
+    shape = _set_aside(conn, table, old)
     conn.execute(text(f"ALTER TABLE {old} ALTER COLUMN id DROP DEFAULT"))
-    conn.execute(text(f"DROP SEQUENCE {sequence}"))
+    conn.execute(text(f"DROP SEQUENCE {table}_id_seq"))
     conn.execute(text(f"CREATE TABLE {table} (LIKE {old})"))
     conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY"))
     conn.execute(text(f"INSERT INTO {table} SELECT * FROM {old}"))  # noqa: S608
     conn.execute(text(f"DROP TABLE {old}"))  # with its partitions
-    conn.execute(
-        text("SELECT setval(CAST(:s AS regclass), :v, :c)"),
-        {"s": sequence, "v": last_value, "c": is_called},
-    )
     conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT pk_{table} PRIMARY KEY (id)"))
-    for _name, definition in indexes:
-        conn.execute(text(definition))
-    for name, definition in foreign:
-        conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
+    _restore(conn, table, shape)
