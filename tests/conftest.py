@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -38,10 +39,10 @@ def require(service: str, error: BaseException) -> None:
     pytest.skip(f"{service} not available: {error}")
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
-    name = f"quarry_test_{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def empty_pg(prefix: str = "quarry_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped after."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -49,14 +50,22 @@ def pg_url() -> Iterator[str]:
     except Exception as exc:
         admin.dispose()
         require("PostgreSQL", exc)
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    store = Store(url)
-    store.upgrade()
-    store.close()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
+    with empty_pg() as url:
+        store = Store(url)
+        store.upgrade()
+        store.close()
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_ADMIN_URL, require
+from tests.conftest import empty_pg
 from worker.models import Level, NewEntry
 from worker.store import Store, migrate, partitions
 
@@ -20,18 +18,8 @@ from worker.store import Store, migrate, partitions
 @pytest.fixture
 def fresh_pg() -> Iterator[str]:
     """An empty PostgreSQL database of this test's own (its partitions are the test's)."""
-    name = f"quarry_parts_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        admin.dispose()
-        require("PostgreSQL", exc)
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with empty_pg("quarry_parts") as url:
+        yield url
 
 
 def at(day: date, hour: int = 12) -> datetime:
