@@ -97,6 +97,7 @@ class Tab:
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.goto("/runs")
         self.page.wait_for_url("**/signin**")
+        self.shot("signin")
         self.page.fill("#token", secret)
         self.page.click("form[action='/signin'] button[type=submit]")
         self.page.wait_for_url("**/runs")
