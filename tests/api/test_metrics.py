@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_api import Api, api, api_server  # noqa: F401 - the server fixtures
 from tests.store.test_store import entry
 from worker import recovery, testing
+from worker.api.metrics import StoreCollector
 from worker.models import Lease, Status
+from worker.settings import Settings
+from worker.store import Store
 
 #: Every family /metrics exports, by name as the parser reports it, and its type.
 FAMILIES = {
@@ -25,6 +29,7 @@ FAMILIES = {
     "quarry_rows_loaded": "counter",
     "quarry_bytes_loaded": "counter",
     "quarry_last_success_timestamp_seconds": "gauge",
+    "quarry_pipeline_due_timestamp_seconds": "gauge",
     "quarry_log_entries": "counter",
     "quarry_log_entries_dropped": "counter",
     "quarry_stream_clients": "gauge",
@@ -128,3 +133,48 @@ def test_metrics_after_a_success_a_failure_and_a_recovery(api: Api) -> None:  # 
     assert value("quarry_log_entries_total") == max(written)
     assert value("quarry_stream_clients") == 0
     assert not any("run_" in dict(labels).get("pipeline", "") for _, labels in samples)
+
+
+def test_a_scheduled_pipeline_says_which_fire_time_should_have_succeeded(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """``quarry_pipeline_due_timestamp_seconds``: the fire before the newest, for a scheduled
+    pipeline whose clock started before it; none while paused or for a manual pipeline."""
+    (tmp_path / "pipelines.toml").write_text(
+        "".join(
+            f'[pipelines.{name}]\nsource = {{ type = "demo" }}\n'
+            f'resources = [{{ name = "profiles" }}]\n{extra}\n'
+            for name, extra in (
+                ("hourly", 'schedule = "@hourly"'),
+                ("paused", 'schedule = "@hourly"'),
+                ("fresh", 'schedule = "0 3 * * *"'),
+                ("manual", ""),
+            )
+        )
+    )
+    store = Store(sqlite_url)
+    now = datetime.now(UTC)
+    store.start_schedules(
+        [("hourly", "@hourly UTC"), ("paused", "@hourly UTC")], now - timedelta(days=2)
+    )
+    store.start_schedule("fresh", "0 3 * * * UTC", now)  # its clock started after that fire
+    store.set_paused("paused", True, "cli:ann")
+    collector = StoreCollector(
+        store, Settings(database_url=sqlite_url, pipelines_file=tmp_path / "pipelines.toml")
+    )
+    due = {
+        sample.labels["pipeline"]: sample.value
+        for family in collector.collect()
+        if family.name == "quarry_pipeline_due_timestamp_seconds"
+        for sample in family.samples
+    }
+    expected = [
+        {
+            "hourly": (
+                moment.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+            ).timestamp()
+        }
+        for moment in (now, datetime.now(UTC))  # the hour may turn during the scrape
+    ]
+    assert due in expected
+    store.close()

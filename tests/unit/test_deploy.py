@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -468,6 +469,10 @@ def exported_series(tmp_path: Path) -> set[str]:
     lease = store.acquire(run.id, "w", 30)
     assert isinstance(lease, Lease)
     store.finish(lease, Status.SUCCEEDED)
+    # A scheduled pipeline whose clock has run for a while: its due fire time is exported.
+    store.start_schedule(
+        "hourly_events", "0 * * * * Europe/Paris", datetime.now(UTC) - timedelta(days=1)
+    )
     registry = CollectorRegistry(auto_describe=False)
     settings = Settings(data_dir=tmp_path, pipelines_file=DEPLOY.parent / "pipelines.toml")
     registry.register(StoreCollector(store, settings))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,7 +31,7 @@ from worker.api.params import NoQueryDep
 from worker.api.responses import documented
 from worker.errors import QuarryError
 from worker.models import TERMINAL, Status
-from worker.pipelines import load_pipelines
+from worker.pipelines import Pipeline, load_pipelines
 from worker.settings import Settings
 from worker.store import Store
 from worker.store import metrics as stored
@@ -59,16 +60,37 @@ class StoreCollector(Collector):
         self.store = store
         self.settings = settings
 
-    def _declared(self) -> list[str]:
+    def _declared(self) -> dict[str, Pipeline]:
         try:
-            return list(load_pipelines(self.settings.pipelines_file))
+            return load_pipelines(self.settings.pipelines_file)
         except (QuarryError, OSError):
-            return []  # a broken file: the store's pipelines still export
+            return {}  # a broken file: the store's pipelines still export
+
+    def _due(self, declared: dict[str, Pipeline], now: datetime) -> GaugeMetricFamily:
+        """Per scheduled pipeline, the fire time whose run should have succeeded by now: the
+        one before the newest fire. Not for a paused pipeline, nor before its clock started."""
+        due = GaugeMetricFamily(
+            "quarry_pipeline_due_timestamp_seconds",
+            "A scheduled pipeline's fire time before its newest one: a run fired then should "
+            "have succeeded by now (seconds since the Unix epoch; none while paused).",
+            labels=["pipeline"],
+        )
+        scheduled = {name: p.cron for name, p in declared.items() if p.cron is not None}
+        states = self.store.pipeline_states(scheduled) if scheduled else {}
+        for name, cron in sorted(scheduled.items()):
+            state = states.get(name)
+            if cron is None or state is None or state.paused or state.anchor is None:
+                continue
+            fire = cron.previous_before(cron.latest_at(now))
+            if fire >= state.anchor:
+                due.add_metric([name], fire.timestamp())
+        return due
 
     def collect(self) -> Iterator[Metric]:
         """Every family of one consistent read of the store."""
         snap = self.store.metrics_snapshot()
-        pipelines = snap.pipelines(self._declared())
+        declared = self._declared()
+        pipelines = snap.pipelines(list(declared))
         runs = GaugeMetricFamily("quarry_runs", "Runs in the store by status.", labels=["status"])
         for status in Status:
             runs.add_metric([status.value], snap.runs.get(status.value, 0))
@@ -88,6 +110,7 @@ class StoreCollector(Collector):
             queued.add_metric([pipeline], snap.queued.get(pipeline, 0))
         yield active
         yield queued
+        yield self._due(declared, datetime.now(UTC))
         yield from _counters(snap, pipelines)
         yield from _histograms(snap)
         yield CounterMetricFamily(
