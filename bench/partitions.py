@@ -31,6 +31,7 @@ from sqlalchemy import create_engine, text
 from bench.api import COLUMNS, _raw_query, api_env, pct, timed_pair
 from tests.acceptance.harness import serve_api
 from worker.store import Store, partitions
+from worker.store.tables import LEVEL_FILTERS
 
 PG_ADMIN = os.environ.get(
     "QUARRY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -215,6 +216,52 @@ def measure(
     return results
 
 
+def plain_copy(url: str) -> None:
+    """The same entries in one plain table, ``plain_entries``, with the indexes the pages use
+    (the primary key, ``(run_id, id)`` and the warnings' partial index)."""
+    began = time.perf_counter()
+    with psycopg.connect(_driver(url), autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '512MB'")
+        conn.execute("DROP TABLE IF EXISTS plain_entries")
+        conn.execute("CREATE TABLE plain_entries AS SELECT * FROM log_entries")
+        conn.execute("ALTER TABLE plain_entries ADD PRIMARY KEY (id)")
+        conn.execute("CREATE INDEX ON plain_entries (run_id, id)")
+        conn.execute(f"CREATE INDEX ON plain_entries (run_id, id) WHERE {LEVEL_FILTERS['warning']}")
+        conn.execute("ANALYZE plain_entries")
+    print(f"  copied into one plain table in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+
+
+def against_plain(url: str, run_id: str, total: int) -> list[tuple[str, list[float], list[float]]]:
+    """(page, partitioned ms, plain ms): the same keyset queries on both, alternating."""
+    pg = psycopg.connect(_driver(url), autocommit=True)
+    flat = f"SELECT id, {COLUMNS} FROM {{}} WHERE id > %s ORDER BY id LIMIT 1001"
+    per_run = (
+        f"SELECT id, {COLUMNS} FROM {{}} WHERE run_id >= %s AND run_id <= %s AND id > %s "
+        "ORDER BY run_id, id LIMIT 1001"
+    )
+    warnings = (
+        f"SELECT id, {COLUMNS} FROM {{}} WHERE run_id >= %s AND run_id <= %s AND id > %s "
+        f"AND {LEVEL_FILTERS['warning']} ORDER BY run_id, id LIMIT 1001"
+    )
+    cases = [
+        ("flat view, page at the middle", flat, (total // 2,)),
+        ("flat view, page near the newest", flat, (total - 1500,)),
+        ("a run's first page", per_run, (run_id, run_id, 0)),
+        ("the run's level=warning page", warnings, (run_id, run_id, 0)),
+    ]
+    out = []
+    for name, sql, params in cases:
+
+        def on(table: str, sql: str = sql, params: tuple[Any, ...] = params) -> None:
+            pg.execute(sql.format(table), params).fetchall()
+
+        out.append(
+            (name, *timed_pair(lambda: on("log_entries"), lambda: on("plain_entries"), SAMPLES))
+        )
+    pg.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load (or reuse) the store, time the pages, print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.partitions")
@@ -222,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         "--entries", type=int, default=int(os.environ.get("BENCH_PARTITION_ENTRIES", "20000000"))
     )
     parser.add_argument("--keep", action="store_true", help="keep the database for the next call")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="also copy the entries into one plain table and time the raw pages on both",
+    )
     args = parser.parse_args(argv)
     url = _url()
     total = args.entries // DAYS * DAYS
@@ -248,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             "SELECT count(*) FROM log_entries WHERE run_id = %s", (run_id,)
         ).fetchone()[0]  # type: ignore[index]
         # The cursor before the run's last 1,000 entries: its last page is a whole one.
-        last = conn.execute(
+        found = conn.execute(
             "SELECT id FROM log_entries WHERE run_id = %s ORDER BY id DESC OFFSET 1000 LIMIT 1",
             (run_id,),
-        ).fetchone()[0]  # type: ignore[index]
+        ).fetchone()
+        last = found[0] if found else 0  # a run of fewer than 1,001 (a small --entries)
     print(
         f"\npages of 1,000 at {total:,} entries in {parts} partitions ({DAYS} loaded days; "
         f"the run holds {run_entries:,}), API vs the raw keyset query, {SAMPLES} each, alternating"
@@ -263,6 +316,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<48} {pct(ours, 0.5):>7.1f}/{pct(ours, 0.99):<8.1f} "
             f"{pct(raw, 0.5):>7.1f}/{pct(raw, 0.99):<8.1f} {ratio:>9.2f}×  <= 2×"
         )
+    if args.plain:
+        plain_copy(url)
+        print(
+            f"\nthe same raw keyset pages on the {parts} partitions and on one plain table "
+            f"holding the same {total:,} entries, {SAMPLES} each, alternating"
+        )
+        print(f"{'page':<48} {'partitioned p50/p99':>20} {'plain p50/p99':>16} {'ratio p50':>10}")
+        for name, parted, plain in against_plain(url, run_id, total):
+            ratio = statistics.median(parted) / statistics.median(plain)
+            print(
+                f"{name:<48} {pct(parted, 0.5):>11.1f}/{pct(parted, 0.99):<8.1f} "
+                f"{pct(plain, 0.5):>7.1f}/{pct(plain, 0.99):<8.1f} {ratio:>9.2f}×"
+            )
     if not args.keep:
         admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
