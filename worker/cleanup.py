@@ -20,14 +20,13 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from worker import runlog
+from worker.attempt import error_summary
 from worker.destinations import build_destination
 from worker.destinations.base import RunScope, WriteSpec
 from worker.envrefs import resolve_and_register
-from worker.errors import QuarryError
 from worker.models import Event, Level, NewEntry, Run
 from worker.pipelines import get_pipeline
 from worker.recovery import WATCHDOG_ID
-from worker.scrub import describe
 from worker.settings import Settings
 from worker.store import Store
 
@@ -45,7 +44,7 @@ def clean_up(store: Store, settings: Settings, *, now: datetime | None = None) -
         try:
             _abort(run, settings)
         except Exception as exc:
-            problem = describe(exc) if not isinstance(exc, QuarryError) else str(exc)
+            problem = error_summary(exc)
             store.append_entries([_entry(run, Level.WARNING, Event.RUN_CLEANUP_FAILED, problem)])
             _log.warning("cleanup after %s failed: %s", run.id, problem)
             continue
