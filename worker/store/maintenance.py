@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -127,19 +129,26 @@ class MaintenanceQueries:
         for day in held:
             if partitions.day_bounds(day)[1] > cutoff:
                 break
-            try:
-                with self._transaction() as conn:
-                    partitions.drop_day(conn, table, day)
-            except StoreUnavailable as exc:
-                if not partitions.lock_busy(exc):
-                    raise
-                _log.warning(
-                    "retention: %s is busy; it is dropped next time",
-                    partitions.day_name(table, day),
-                )
-                continue
-            dropped += 1
+            name = partitions.day_name(table, day)
+            busy = f"retention: {name} is busy; it is dropped next time"
+            if self._partition_step(
+                functools.partial(partitions.drop_day, table=table, day=day), busy
+            ):
+                dropped += 1
         return dropped
+
+    def _partition_step(self, step: Callable[[Connection], object], busy: str) -> bool:
+        """Run one partition step in a transaction of its own; False (and ``busy`` logged)
+        when it gave up waiting for its lock, for the next maintenance to retry."""
+        try:
+            with self._transaction() as conn:
+                step(conn)
+        except StoreUnavailable as exc:
+            if not partitions.lock_busy(exc):
+                raise
+            _log.warning(busy)
+            return False
+        return True
 
     def ensure_partitions(self, today: date | None = None) -> list[str]:
         """Create the days from yesterday to ``DAYS_AHEAD`` after ``today`` that are missing.
@@ -159,21 +168,12 @@ class MaintenanceQueries:
             for day in wanted:
                 if day in held:
                     continue
-                try:
-                    with self._transaction() as conn:
-                        moved = partitions.create_day(conn, table, day)
-                except StoreUnavailable as exc:
-                    if not partitions.lock_busy(exc):
-                        raise
-                    _log.warning("partitions: %s is busy; created next time", table)
+                name = partitions.day_name(table, day)
+                busy = f"partitions: {table} is busy; {name} is created next time"
+                step = functools.partial(partitions.create_day, table=table, day=day)
+                if not self._partition_step(step, busy):
                     break
-                if moved:
-                    _log.info(
-                        "partitions: %s took %d rows from the default",
-                        partitions.day_name(table, day),
-                        moved,
-                    )
-                created.append(partitions.day_name(table, day))
+                created.append(name)
         return created
 
     def replace_samples(

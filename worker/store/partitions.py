@@ -19,6 +19,7 @@ reader) gives up without holding writers back, and the next maintenance retries.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -26,6 +27,8 @@ from typing import NamedTuple
 
 import psycopg.errors
 from sqlalchemy import Connection, text
+
+_log = logging.getLogger(__name__)
 
 #: The partitioned tables and the time column each is partitioned by.
 PARTITIONED: dict[str, str] = {"log_entries": "occurred_at", "telemetry_samples": "at"}
@@ -130,6 +133,7 @@ def create_day(conn: Connection, table: str, day: date) -> int:
     if waiting:
         conn.execute(text(f"INSERT INTO {table} SELECT * FROM quarry_moving"))  # noqa: S608
         conn.execute(text("DROP TABLE quarry_moving"))
+        _log.info("partitions: %s took %d rows from the default", day_name(table, day), waiting)
     return int(waiting)
 
 
