@@ -62,6 +62,12 @@ def test_only_runs_ended_over_their_workers_head_owe_cleanup(store: Store) -> No
     assert isinstance(stuck_lease, Lease)
     store.finish(stuck_lease, Status.FAILED, error_summary="timeout", cleanup_owed=True)
     assert [r.id for r in store.owed_cleanups(later)] == [stuck.id]
+    # A gateway's run (its external runner writes its output): nothing owed to Quarry.
+    remote = store.create_run("p", gateway="edge")
+    assert isinstance(store.acquire(remote.id, "edge-runner", 30), Lease)
+    control.cancel(store, remote.id, force=True, by="test")
+    after = datetime.now(UTC) + timedelta(seconds=1)
+    assert [r.id for r in store.owed_cleanups(after)] == [stuck.id]
 
 
 def test_the_sweep_removes_what_the_write_modes_leave_nothing_of(

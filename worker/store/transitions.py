@@ -68,8 +68,9 @@ class RunTransitions:
         if target in TERMINAL:
             values["finished_at"] = now
             if expected is Status.RUNNING:
-                # Ended over its worker's head: its write modes' cleanup falls to the watchdog.
-                values["cleanup_owed"] = True
+                # Ended over its worker's head: its write modes' cleanup falls to the watchdog
+                # (not a gateway's run: its runner writes its output, not Quarry).
+                values["cleanup_owed"] = runs.c.gateway.is_(None)
         if bump_attempt:
             values["attempt"] = runs.c.attempt + 1
             values["attempt_reason"] = attempt_reason[:300] if attempt_reason else None
