@@ -58,7 +58,7 @@ class Runtime:
                 refused.setdefault(run_id, set()).add(epoch)
 
         writer = EntryWriter(
-            store.append_entries,
+            store.entry_flusher(),
             flush_ms=settings.log_flush_ms,
             batch_size=settings.log_batch_size,
             on_refused=on_refused,

@@ -29,13 +29,15 @@ from sqlalchemy.engine import make_url
 from tests.conftest import truncate
 from worker.models import Lease, Level, NewEntry
 from worker.store import Store
-from worker.store.entries import SMALL_BATCH
+from worker.store.entries import SMALL_BATCH, fenced_insert_sql, fenced_params
 
 WRITERS = 4
 RUNS = 3
 #: The write paths: unfenced entries, a checkpoint (the fence takes the locks in its
-#: RETURNING), a buffered flush of one lease (one statement, up to SMALL_BATCH entries).
-PATHS = ("plain", "checkpoint", "flush")
+#: RETURNING), a buffered flush of one lease (one statement, up to SMALL_BATCH entries),
+#: and the log writer's flusher's statement, which autocommits: held open here, as its
+#: implicit transaction is until the statement ends.
+PATHS = ("plain", "checkpoint", "flush", "whole")
 _clock = itertools.count()
 
 
@@ -70,6 +72,10 @@ class Writer:
                     entries = [entry(run_id, n) for n in range(count)]
                     if path == "flush" and count <= SMALL_BATCH:  # a writer's one-statement flush
                         assert self.store._fenced_flush(conn, run_id, lease.epoch, entries)
+                    elif path == "whole" and count <= SMALL_BATCH:
+                        _, params = fenced_params(run_id, lease.epoch, entries, None, whole=True)
+                        sql = fenced_insert_sql(count, whole=True)
+                        assert conn.exec_driver_sql(sql, params).one()[3] == count
                     else:
                         if path == "checkpoint":  # the fence takes the locks
                             self.store._fence(

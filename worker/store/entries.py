@@ -75,32 +75,73 @@ FROM {ENTRY_ID_SEQUENCE} AS s
 """  # noqa: S608 - constants
 
 
-@functools.lru_cache(maxsize=64)
-def fenced_insert_sql(count: int) -> str:
+@functools.lru_cache(maxsize=128)
+def fenced_insert_sql(count: int, *, whole: bool = False) -> str:
     """A buffered flush of ``count`` entries of one lease as one statement (PostgreSQL).
 
     The fence's UPDATE raises the cap counter and, in its RETURNING, takes the run's
     entry lock and registers the writer; the INSERT's rows are gated on the fenced row
     (an InitPlan, read before any row asks the sequence for an id) and on the cap. It
     returns the fenced row and how many entries went in, or no row when the lease is
-    gone. Parameters: cappable entries, run id, epoch, run lock key, the rows, the cap.
+    gone. Parameters: :func:`fenced_params`.
+
+    ``whole``: the statement is a transaction of its own (autocommit), so it must store
+    all or nothing: the fence matches only while the cap has room for every cappable
+    entry, and no row comes back either when the lease is gone or when the cap is
+    reached (the caller then takes the ordinary path, which tells them apart).
     """
     row = (
         "(%s::varchar, %s::varchar, %s::varchar, %s::text, %s::jsonb, %s::varchar, %s::int, "
         "%s::timestamptz)"
     )
     columns = ", ".join(_ENTRY_COLUMNS)
+    room = " AND entry_count + %s <= %s" if whole else ""
+    gate = "" if whole else " WHERE fence.entry_count <= %s"
     return (
         "WITH fence AS ("  # noqa: S608 - constants and placeholders
-        "UPDATE runs SET entry_count = entry_count + %s WHERE id = %s AND lease_epoch = %s "
+        f"UPDATE runs SET entry_count = entry_count + %s WHERE id = %s AND lease_epoch = %s{room} "
         "RETURNING entry_count, entries_dropped, pipeline, "
         f"pg_advisory_xact_lock({RUN_ENTRY_LOCK}, %s) AS run_lock, "
         f"pg_advisory_xact_lock_shared({POSITION_SQL}) AS position_lock), "
         f"inserted AS (INSERT INTO log_entries ({columns}) "
         f"SELECT * FROM (VALUES {', '.join([row] * count)}) AS v ({columns}) "
-        "WHERE EXISTS (SELECT 1 FROM fence WHERE fence.entry_count <= %s) RETURNING 1) "
+        f"WHERE EXISTS (SELECT 1 FROM fence{gate}) RETURNING 1) "
         "SELECT entry_count, entries_dropped, pipeline, (SELECT count(*) FROM inserted) FROM fence"
     )
+
+
+def fenced_params(
+    run_id: str, epoch: int, entries: Sequence[NewEntry], cap: int | None, *, whole: bool = False
+) -> tuple[int, tuple[Any, ...]]:
+    """How many of ``entries`` the cap counts, and :func:`fenced_insert_sql`'s parameters."""
+    cappable = sum(1 for e in entries if _cappable(e)) if cap is not None else 0
+    bound = cap if cappable else 2**62
+    params: list[Any] = [cappable, run_id, epoch]
+    if whole:
+        params += (cappable, bound)
+    params.append(run_lock_key(run_id))
+    for e in entries:
+        params += _without_nul(
+            (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
+             e.worker_id, e.attempt, e.occurred_at)
+        )  # fmt: skip
+    if not whole:
+        params.append(bound)
+    return cappable, tuple(params)
+
+
+def single_lease(entries: Sequence[NewEntry]) -> tuple[str, int] | None:
+    """The one ``(run_id, epoch)`` of a batch that one fenced statement can store, or None:
+    every entry fenced, all by the same lease, at most :data:`SMALL_BATCH` of them."""
+    if not entries or len(entries) > SMALL_BATCH:
+        return None
+    first = entries[0]
+    if first.epoch is None:
+        return None
+    for e in entries:
+        if e.epoch != first.epoch or e.run_id != first.run_id:
+            return None
+    return first.run_id, first.epoch
 
 
 class _Fenced(NamedTuple):
@@ -238,21 +279,16 @@ class EntryWrites:
         """
         if not entries:
             return set()
+        lease = single_lease(entries) if self.dialect == "postgresql" else None
+        if lease is not None:
+            with self._transaction() as conn:
+                if self._fenced_flush(conn, *lease, entries):
+                    return set()
+            return {lease}
         fenced: dict[tuple[str, int], None] = {}
         for entry in entries:
             if entry.epoch is not None:
                 fenced[(entry.run_id, entry.epoch)] = None
-        if (
-            self.dialect == "postgresql"
-            and len(fenced) == 1
-            and len(entries) <= SMALL_BATCH
-            and all(e.epoch is not None for e in entries)
-        ):
-            ((run_id, epoch),) = fenced
-            with self._transaction() as conn:
-                if self._fenced_flush(conn, run_id, epoch, entries):
-                    return set()
-            return {(run_id, epoch)}
         refused: set[tuple[str, int]] = set()
         with self._transaction() as conn:
             for run_id, epoch in fenced:
@@ -268,20 +304,11 @@ class EntryWrites:
         """One lease's flush in one statement (:func:`fenced_insert_sql`); False when the
         lease is gone. A flush that would pass the cap inserts nothing there and is
         finished by the ordinary path, with the counter the statement raised."""
-        cap = self.max_entries_per_run
-        cappable = sum(1 for e in entries if _cappable(e)) if cap is not None else 0
-        key = run_lock_key(run_id)
-        params: list[Any] = [cappable, run_id, epoch, key]
-        for e in entries:
-            params += _without_nul(
-                (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-                 e.worker_id, e.attempt, e.occurred_at)
-            )  # fmt: skip
-        params.append(cap if cappable else 2**62)
-        found = fetch_one(conn, fenced_insert_sql(len(entries)), tuple(params))
+        cappable, params = fenced_params(run_id, epoch, entries, self.max_entries_per_run)
+        found = fetch_one(conn, fenced_insert_sql(len(entries)), params)
         if found is None:
             return False
-        EntryLocks.of(conn).took(key)
+        EntryLocks.of(conn).took(run_lock_key(run_id))
         if found[3]:
             touched = conn.info.get(_TOUCHED)
             if touched is not None:

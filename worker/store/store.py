@@ -61,6 +61,7 @@ from worker.store.entries import (
     run_lock_key,
 )
 from worker.store.external import ExternalWrites
+from worker.store.flusher import EntryFlusher
 from worker.store.maintenance import MaintenanceQueries
 from worker.store.metrics import MetricQueries
 from worker.store.pipelines import PipelineQueries, active_runs_clause
@@ -153,6 +154,7 @@ class Store(
         self.on_entries: Callable[[set[str]], None] | None = None
         #: Called with a run id after the commit that ended it (webhooks).
         self.on_ended: Callable[[str], None] | None = None
+        self._flushers: list[EntryFlusher] = []
         # SQLite readers must not take the write lock that writers take at BEGIN.
         self._reader: Engine = (
             make_engine(url, immediate=False) if self.dialect == "sqlite" else self.engine
@@ -174,12 +176,25 @@ class Store(
                 conn.info.pop(_TOUCHED, None)
                 conn.info.pop(_LOCKS, None)
                 metrics.discard(conn)
-        if touched and self.on_entries is not None:
-            try:
-                self.on_entries(touched)
-            except Exception as exc:
-                # One line: a Redis outage must not print a traceback per commit.
-                _log.warning("entry notification failed: %s", describe(exc))
+        if touched:
+            self.notify_entries(touched)
+
+    def notify_entries(self, touched: set[str]) -> None:
+        """Tell ``on_entries`` which runs a commit gave entries (stream wake-ups)."""
+        if self.on_entries is None:
+            return
+        try:
+            self.on_entries(touched)
+        except Exception as exc:
+            # One line: a Redis outage must not print a traceback per commit.
+            _log.warning("entry notification failed: %s", describe(exc))
+
+    def entry_flusher(self) -> EntryFlusher:
+        """A log writer's ``append``: :meth:`append_entries`, with a single lease's small
+        batches sent on a connection kept for it (:mod:`worker.store.flusher`)."""
+        flusher = EntryFlusher(self)
+        self._flushers.append(flusher)
+        return flusher
 
     def _ended(self, run_id: str) -> None:
         if self.on_ended is None:
@@ -192,6 +207,8 @@ class Store(
 
     def close(self) -> None:
         """Release every pooled connection."""
+        for flusher in self._flushers:
+            flusher.close()
         self.engine.dispose()
         if self._reader is not self.engine:
             self._reader.dispose()
