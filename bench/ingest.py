@@ -33,7 +33,7 @@ class NullStream(io.StringIO):
 def _produce(url: str, run_id: str, count: int, start: Any, done: Any) -> None:
     """One worker-like process: structlog → sink → writer → store, for one run."""
     store = Store(url)
-    writer = EntryWriter(store.append_entries, flush_ms=200, batch_size=2000)
+    writer = EntryWriter(store.entry_flusher(), flush_ms=200, batch_size=2000)
     runlog.configure(StoreSink(writer), log_format="json", stream=NullStream())
     log = runlog.get_logger(run_id=run_id, worker_id="bench").bind(attempt=1)
     writer.start()

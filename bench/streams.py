@@ -40,7 +40,7 @@ def _produce(url: str, redis_url: str, run_id: str, rate: int, seconds: float) -
     """A worker-like process: ``rate`` entries a second through structlog and the writer."""
     store = Store(url)
     store.on_entries = Publisher(redis_url)
-    writer = EntryWriter(store.append_entries, flush_ms=200, batch_size=2000)
+    writer = EntryWriter(store.entry_flusher(), flush_ms=200, batch_size=2000)
     runlog.configure(StoreSink(writer), log_format="json", stream=NullStream())
     log = runlog.get_logger(run_id=run_id, worker_id="bench").bind(attempt=1)
     writer.start()
