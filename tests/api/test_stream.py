@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,44 @@ def test_stream_resumes_with_last_event_id_without_gap_or_repeat(
     assert events[0][1]["event"] == "lease_acquired"
     assert {"event", "data", "message", "level"} <= set(events[0][1])
     assert cluster.store.get_run(run_id).status is Status.SUCCEEDED
+
+
+def test_clients_that_go_away_end_their_streams(served: tuple[Cluster, str]) -> None:
+    """Clients that close their streams mid-run leave no stream behind on the server: the
+    stream gauge goes back to the clients still open, and they still get new entries."""
+    cluster, base = served
+    _, secret = cluster.store.create_token("read")
+    headers = {"Authorization": f"Bearer {secret}"}
+    run = cluster.store.create_run("demo")
+    cluster.store.append_entries([_entry(run.id, "first")])
+    url = f"{base}/api/v1/action-runs/{run.id}/logs/stream"
+
+    def streams_open(client: httpx.Client) -> float:
+        text = client.get(f"{base}/metrics").text
+        (line,) = [x for x in text.splitlines() if x.startswith("quarry_stream_clients ")]
+        return float(line.split()[1])
+
+    with httpx.Client(timeout=30) as client:
+        leaving = [connect_sse(client, "GET", url, headers=headers) for _ in range(5)]
+        reading = [source.__enter__().iter_sse() for source in leaving]  # held: open
+        for events in reading:
+            assert next(events).id
+        with connect_sse(client, "GET", url, headers=headers) as staying:
+            events = staying.iter_sse()
+            assert next(events).id
+            assert streams_open(client) == 6
+            for source in leaving:
+                source.__exit__(None, None, None)
+            deadline = time.monotonic() + 30
+            while streams_open(client) != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert streams_open(client) == 1, "closed clients' streams are still open"
+            cluster.store.append_entries([_entry(run.id, "second")])
+            assert jsonfmt.loads(next(events).data)["event"] == "second"
+
+
+def _entry(run_id: str, event: str) -> NewEntry:
+    return NewEntry(run_id, Level.INFO, event, event, datetime.now(UTC))
 
 
 def test_stream_refuses_a_revoked_token_and_carries_hostile_text_as_one_event(

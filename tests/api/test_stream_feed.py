@@ -40,9 +40,6 @@ def test_frames_are_what_sse_starlette_wrote(store: Store) -> None:
 
 
 async def _listen(feeds: stream.Feeds, run_id: str, after_id: int = 0) -> bytes:
-    async def connected() -> bool:
-        return False
-
     chunks = [
         chunk
         async for chunk in stream.entry_events(
@@ -51,7 +48,6 @@ async def _listen(feeds: stream.Feeds, run_id: str, after_id: int = 0) -> bytes:
             after_id=after_id,
             secret="s",
             still_authorised=lambda: True,
-            disconnected=connected,
         )
     ]
     return b"".join(chunks)

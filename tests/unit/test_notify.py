@@ -84,7 +84,6 @@ def test_a_feed_is_woken_by_the_commit_not_by_its_poll(
                     after_id=0,
                     secret="s",
                     still_authorised=lambda: True,
-                    disconnected=_never,
                 )
             ]
             return b"".join(chunks)
@@ -102,10 +101,6 @@ def test_a_feed_is_woken_by_the_commit_not_by_its_poll(
     got = asyncio.run(main())
     store.close()
     assert b"run_completed" in got
-
-
-async def _never() -> bool:
-    return False
 
 
 def test_a_restored_subscription_wakes_every_stream_once(server: fakeredis.FakeServer) -> None:

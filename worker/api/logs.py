@@ -74,7 +74,6 @@ async def run_stream(
         after_id=entry_cursor(last_event_id or q.after),
         secret=request.state.secret,
         still_authorised=request.state.still_authorised,
-        disconnected=request.is_disconnected,
     )
     return EventSourceResponse(events, ping=STREAM_PING_SECONDS)
 
