@@ -1,14 +1,19 @@
 """Many stream clients over several API processes, during a run logging fast.
 
-``python -m bench.streams [--apis 4] [--clients 2000] [--rate 1000] [--seconds 20]``
-(in ``make bench BENCH_ARGS=scale``): ``--apis`` ``quarry serve`` processes over
-one PostgreSQL store and one Redis; ``--clients`` SSE clients spread over them,
-in ``--client-processes`` processes of their own (asyncio, httpx-sse); one
-worker-like process logging ``--rate`` entries a second for ``--seconds``
-through structlog and the worker's writer, with Redis wake-ups. Each client
-notes, for every entry, the wall-clock time from the log call to its receipt;
-the goal is that no client is ever more than a second behind. The baseline is
-one client on one API process in the same run.
+``python -m bench.streams [--apis 4] [--clients 2000] [--rate 1000] [--seconds 20]
+[--client raw|sse]`` (in ``make bench BENCH_ARGS=scale``): ``--apis`` ``quarry
+serve`` processes over one PostgreSQL store and one Redis; ``--clients`` SSE
+clients spread over them, in ``--client-processes`` processes of their own
+(asyncio); one worker-like process logging ``--rate`` entries a second for
+``--seconds`` through structlog and the worker's writer, with Redis wake-ups.
+The goal is that no client is ever more than a second behind (from the log call
+to its receipt). The baseline is one client on one API process in the same run.
+
+Clients: ``raw`` (the default) reads the stream's bytes on a bare connection,
+counts each read's frames, checks their ids rise and takes the lag of the read's
+oldest entry, so a client costs little per event and the measure is the
+servers'; ``sse`` parses every event with httpx-sse and notes the lag of every
+50th, as an application would.
 """
 
 from __future__ import annotations
@@ -84,8 +89,60 @@ async def _listen(
     return count, worst, sample
 
 
+async def _listen_raw(
+    base: str, secret: str, run_id: str, opened: Any, until: list[float]
+) -> tuple[int, float, list[float]]:
+    """:func:`_listen` at the byte level, on a bare asyncio connection: each read's complete
+    frames are counted, their ids checked to rise, and the lag taken of the read's oldest
+    entry (its first frame, the worst of the read), so a client costs a little per read
+    and nearly nothing per event. The sample is one lag a read."""
+    url = httpx.URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    path = f"/api/v1/action-runs/{run_id}/logs/stream"
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {secret}\r\n"
+        "Accept: text/event-stream\r\nConnection: close\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise AssertionError(f"stream refused: {head[:80]!r}")
+    opened()
+    count, worst, sample, last_id, pending = 0, 0.0, [], 0, b""
+    try:
+        while chunk := await reader.read(1 << 18):
+            pending += chunk
+            end = pending.rfind(b"\r\n\r\n")
+            if end < 0:
+                continue
+            # Whole frames up to here. Every frame's id line follows a newline (the frame
+            # before it, or the HTTP chunk's size line; the cut keeps the newline with the
+            # frame after it); a data line holds none.
+            block, pending = pending[: end + 2], pending[end + 2 :]
+            first = block.find(b"\nid: ")
+            if first < 0:
+                continue  # keep-alive pings only
+            id_end = block.index(b"\r\n", first)
+            first_id = int(block[first + 5 : id_end])
+            tail = block.rfind(b"\nid: ")
+            tail_id = int(block[tail + 5 : block.index(b"\r\n", tail)])
+            if first_id <= last_id or tail_id < first_id:
+                raise AssertionError(f"ids out of order: {last_id} then {first_id}..{tail_id}")
+            last_id = tail_id
+            data = block[id_end + 8 : block.index(b"\r\n", id_end + 2)]
+            now = time.time()
+            lag = (now - jsonfmt.loads(data)["data"]["sent_at"]) * 1000
+            count += block.count(b"\nid: ")
+            worst = max(worst, lag)
+            sample.append(lag)
+            if now > until[0]:
+                break
+    finally:
+        writer.close()
+    return count, worst, sample
+
+
 def _clients(
-    bases: list[str], secret: str, run_id: str, n: int, queues: tuple[Any, Any, Any]
+    bases: list[str], secret: str, run_id: str, n: int, queues: tuple[Any, Any, Any], *, raw: bool
 ) -> None:
     """One client process: ``n`` clients, spread over the API processes. Queues: it says on
     the first when all are open, puts their results on the second, and reads from the third
@@ -102,8 +159,9 @@ def _clients(
             if opened[0] == n:
                 ready.put(n)
 
+        listen = _listen_raw if raw else _listen
         tasks = [
-            asyncio.create_task(_listen(bases[i % len(bases)], secret, run_id, one_open, until))
+            asyncio.create_task(listen(bases[i % len(bases)], secret, run_id, one_open, until))
             for i in range(n)
         ]
         until[0] = await asyncio.to_thread(stop_at.get)
@@ -121,7 +179,11 @@ def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any
     per = [args.clients // args.client_processes] * args.client_processes
     per[0] += args.clients - sum(per)
     procs = [
-        ctx.Process(target=_clients, args=(bases, secret, run_id, n, (ready, out, stop_at)))
+        ctx.Process(
+            target=_clients,
+            args=(bases, secret, run_id, n, (ready, out, stop_at)),
+            kwargs={"raw": args.client == "raw"},
+        )
         for n in per
         if n
     ]
@@ -168,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=8)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--client",
+        choices=("raw", "sse"),
+        default="raw",
+        help="raw: frames counted and checked per read at the byte level; sse: httpx-sse, "
+        "every event parsed",
+    )
     args = parser.parse_args(argv)
     url = fresh_pg("quarry_bench_streams")
     if url is None:
