@@ -1,4 +1,4 @@
-"""Two revisions side by side, alternating: ``python -m bench.ab REV_A REV_B slices|pages|log``.
+"""Two revisions side by side, alternating: ``python -m bench.ab REV_A REV_B slices|pages|log|ingest``.
 
 A change's effect on this machine is often smaller than the drift between two
 runs minutes apart, so both revisions are measured in turns within one run:
@@ -8,7 +8,10 @@ runs minutes apart, so both revisions are measured in turns within one run:
 - ``pages``: a first page of 1000 entries from a 1,000,000-entry SQLite store
   through each revision's API server, against the raw keyset query;
 - ``log``: one log call on the worker's hot path (``bench.ingest.log_call_cost``,
-  JSON stdout), one fresh process per sample.
+  JSON stdout), one fresh process per sample;
+- ``ingest``: log ingestion into a fresh SQLite store, entries/s of 4 concurrent
+  processes logging 50,000 entries each through structlog and the writer
+  (``bench.ingest.ingest_through_quarry``), one fresh store per sample.
 
 Each revision is checked out in a temporary git worktree and imported from
 there; the harness is this checkout's.
@@ -50,6 +53,16 @@ sys.path.append({root!r})
 from bench import ingest
 costs = ingest.log_call_cost(100_000)
 print(next(v for k, v in costs.items() if "json stdout" in k))
+"""
+_INGEST = """
+import sys, tempfile
+from pathlib import Path
+import worker
+assert worker.__file__.startswith({src!r}), worker.__file__
+sys.path.append({root!r})
+from bench import ingest
+url = ingest.fresh_sqlite(Path(tempfile.mkdtemp()), "ingest.db")
+print(ingest.ingest_through_quarry(url, 4, 50_000))
 """
 _SERVE = """
 import uvicorn, worker
@@ -96,15 +109,27 @@ def slices_ab(srcs: dict[str, str]) -> None:
         print(f"{label:<12} {rev:<14} p50 {statistics.median(values):.2f} ms a slice  ({shown})")
 
 
-def log_ab(srcs: dict[str, str]) -> None:
-    """µs per log call of each revision, alternating."""
-    times: dict[str, list[float]] = {}
+def _in_turns(srcs: dict[str, str], code: str) -> dict[str, list[float]]:
+    """``code``'s number for each revision, ``ROUNDS`` times, the revisions in turn."""
+    values: dict[str, list[float]] = {}
     for _ in range(ROUNDS):
         for rev, src in srcs.items():
-            times.setdefault(rev, []).append(_sample(src, _LOG.format(src=src, root=str(ROOT))))
-    for rev, values in times.items():
+            values.setdefault(rev, []).append(_sample(src, code.format(src=src, root=str(ROOT))))
+    return values
+
+
+def log_ab(srcs: dict[str, str]) -> None:
+    """µs per log call of each revision, alternating."""
+    for rev, values in _in_turns(srcs, _LOG).items():
         shown = ", ".join(f"{v:.2f}" for v in values)
         print(f"{rev:<14} p50 {statistics.median(values):.2f} µs a log call  ({shown})")
+
+
+def ingest_ab(srcs: dict[str, str]) -> None:
+    """SQLite log ingestion, entries/s, of each revision, alternating."""
+    for rev, values in _in_turns(srcs, _INGEST).items():
+        shown = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"{rev:<14} p50 {statistics.median(values):,.0f} entries/s  ({shown})")
 
 
 def pages_ab(srcs: dict[str, str]) -> None:
@@ -155,9 +180,9 @@ def _up(client: httpx.Client) -> bool:
 
 def main() -> int:
     """Check out both revisions, measure in turns, remove the worktrees."""
-    parts = {"slices": slices_ab, "pages": pages_ab, "log": log_ab}
+    parts = {"slices": slices_ab, "pages": pages_ab, "log": log_ab, "ingest": ingest_ab}
     if len(sys.argv) != 4 or sys.argv[3] not in parts:
-        print("usage: python -m bench.ab REV_A REV_B slices|pages|log", file=sys.stderr)
+        print("usage: python -m bench.ab REV_A REV_B slices|pages|log|ingest", file=sys.stderr)
         return 2
     rev_a, rev_b, what = sys.argv[1:]
     tmp = Path(tempfile.mkdtemp(prefix="quarry-ab-"))
