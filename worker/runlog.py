@@ -99,11 +99,15 @@ class EntryWriter:
             self._thread.start()
 
     def put(self, entry: NewEntry) -> None:
-        """Buffer one entry (the hot path: a lock and an append)."""
+        """Buffer one entry (the hot path: a lock and an append).
+
+        A full buffer wakes the flusher once: while a burst outruns the flush, every
+        later entry finds it woken already (``Event.set`` takes a lock and notifies).
+        """
         with self._buffer_lock:
             self._buffer.append(entry)
             full = len(self._buffer) >= self._batch_size
-        if full:
+        if full and not self._wake.is_set():
             self._wake.set()
 
     def take(self) -> list[NewEntry]:
