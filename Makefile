@@ -34,7 +34,7 @@ test: lint
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/store -q
 
-## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=api: the API part alone;
+## bench: throughput and latency against raw baselines measured in the same run (BENCH_ARGS=ingest: log ingestion and the log call alone; BENCH_ARGS=api: the API part alone;
 ## BENCH_ARGS=scale: log ingestion with 64 writers and 500 runs on PostgreSQL, 2,000 stream clients, pages at
 ## 20 million entries in daily partitions (python -m bench.partitions --keep keeps the loaded store for a next try);
 ## BENCH_ARGS=console: the web console in headless Chromium alone, BENCH_CONSOLE_ARGS=--quick for a short try)

@@ -70,6 +70,45 @@ def main() -> int:
     row("measure", "quarry", "raw baseline", "ratio", "goal")
     row("-" * 58, "-" * 14, "-" * 14, "-" * 8, "-" * 10)
 
+    ingest_rows(tmp)
+
+    for label, url in (
+        ("SQLite", ingest.fresh_sqlite(tmp, "slices.db")),
+        ("PostgreSQL", fresh_pg("quarry_bench_slices")),
+    ):
+        if url is None:
+            continue
+        commit = slices.raw_commit_ms(url)
+        for destination in ("null", "files"):
+            per = slices.runner_per_slice_ms(url, tmp / f"{label}-{destination}", destination)
+            goal = "<= 2 ms" if label == "PostgreSQL" and destination == "null" else ""
+            row(
+                f"per-slice overhead ms, {label}, {destination} destination",
+                f"{per:.2f}",
+                f"{commit:.2f}",
+                f"{per / commit:.1f}x",
+                goal,
+            )
+    print(
+        "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
+    )
+    if os.environ.get("BENCH_SKIP_EXTRACT") != "1":
+        extract_rows()
+    if os.environ.get("BENCH_SKIP_API") != "1":
+        api_rows(tmp)
+    pg_rec = fresh_pg("quarry_bench_recovery")
+    if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
+        recovery_rows(pg_rec)
+    if os.environ.get("BENCH_SKIP_UNATTENDED") != "1":
+        unattended_rows()
+    if os.environ.get("BENCH_SKIP_SCALE") != "1":
+        scale_rows()
+    return 0
+
+
+def ingest_rows(tmp: Path) -> None:
+    """Log ingestion on SQLite and PostgreSQL, and the log call's cost (bench.ingest)."""
+    total = RUNS * PER_RUN
     sq = ingest.fresh_sqlite(tmp, "ingest.db")
     raw = ingest.raw_sqlite_executemany(ingest.fresh_sqlite(tmp, "raw.db"), total)
     ours = ingest.ingest_through_quarry(sq, RUNS, PER_RUN)
@@ -107,42 +146,12 @@ def main() -> int:
     for name, value in costs.items():
         row(f"{name}, µs/call", f"{value:.2f}", f"{base:.2f}", f"{value / base:.1f}x", "<= 20 µs")
 
-    for label, url in (
-        ("SQLite", ingest.fresh_sqlite(tmp, "slices.db")),
-        ("PostgreSQL", fresh_pg("quarry_bench_slices")),
-    ):
-        if url is None:
-            continue
-        commit = slices.raw_commit_ms(url)
-        for destination in ("null", "files"):
-            per = slices.runner_per_slice_ms(url, tmp / f"{label}-{destination}", destination)
-            goal = "<= 2 ms" if label == "PostgreSQL" and destination == "null" else ""
-            row(
-                f"per-slice overhead ms, {label}, {destination} destination",
-                f"{per:.2f}",
-                f"{commit:.2f}",
-                f"{per / commit:.1f}x",
-                goal,
-            )
-    print(
-        "\nbaseline for per-slice rows: one durable commit of a checkpoint UPDATE via the raw driver"
-    )
-    if os.environ.get("BENCH_SKIP_EXTRACT") != "1":
-        extract_rows()
-    if os.environ.get("BENCH_SKIP_API") != "1":
-        api_rows(tmp)
-    pg_rec = fresh_pg("quarry_bench_recovery")
-    if pg_rec and os.environ.get("BENCH_SKIP_RECOVERY") != "1":
-        recovery_rows(pg_rec)
-    if os.environ.get("BENCH_SKIP_UNATTENDED") != "1":
-        unattended_rows()
-    if os.environ.get("BENCH_SKIP_SCALE") != "1":
-        scale_rows()
-    return 0
-
 
 def part(args: list[str], tmp: Path) -> int:
-    """One part alone: ``api``, ``unattended``, ``recovery`` or ``scale``."""
+    """One part alone: ``ingest``, ``api``, ``unattended``, ``recovery`` or ``scale``."""
+    if args == ["ingest"]:
+        ingest_rows(tmp)
+        return 0
     if args == ["api"]:
         api_rows(tmp)
         return 0
@@ -157,7 +166,7 @@ def part(args: list[str], tmp: Path) -> int:
         recovery_rows(url)
         return 0
     print(
-        f"usage: python -m bench [api|unattended|recovery|scale]; got {' '.join(args)!r}",
+        f"usage: python -m bench [ingest|api|unattended|recovery|scale]; got {' '.join(args)!r}",
         file=sys.stderr,
     )
     return 2
