@@ -114,7 +114,10 @@ def test_a_kept_connection_ended_while_idle_is_replaced_without_an_error(pg_url:
         flush = store.entry_flusher()
         assert flush([entry(run.id, "before", epoch=lease.epoch)]) == set()
         pid = _kept_pid(flush)
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # With a timeout the call returns once the backend has gone (its socket closed),
+        # as a restart's sessions have gone before the next flush; without, it only signals.
+        (gone,) = admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()
+        assert gone
         assert flush([entry(run.id, "after", epoch=lease.epoch)]) == set()
         assert _kept_pid(flush) != pid
         assert [e.event for e in store.entries(run.id)] == ["before", "after"]
