@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,8 @@ def start(settings: Settings) -> None:
     from prometheus_client import CollectorRegistry, start_http_server, values  # noqa: PLC0415
 
     registry = CollectorRegistry(auto_describe=False)
+    live = _LiveProcesses()
+    registry.register(live)
     # Bind before touching the directory: a port in use is another live worker's.
     server, _thread = start_http_server(port, registry=registry)
     directory = directory_for(port)
@@ -116,8 +119,8 @@ def start(settings: Settings) -> None:
     # prometheus_client picks its value class at import; whatever imported it first, values
     # made from now on live in this directory's files.
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-    registry.register(_LiveProcesses(directory))
     _metrics, _server, _directory, _main_pid = _Metrics(), server, directory, os.getpid()
+    live.open(directory)
     atexit.register(stop)
 
 
@@ -149,14 +152,27 @@ def process_shutdown() -> None:
 
 
 class _LiveProcesses:
-    """The directory's merged files, once the live gauges of dead processes are dropped."""
+    """The directory's merged files, once the live gauges of dead processes are dropped.
 
-    def __init__(self, directory: Path) -> None:
+    Registered before the server binds its port, and opened once the directory and the
+    worker's series exist: a scrape in between waits for them, so no page ever lacks a
+    series the worker has (the port is bound first, see :func:`start`).
+    """
+
+    def __init__(self) -> None:
+        self.directory = Path()
+        self._opened = threading.Event()
+
+    def open(self, directory: Path) -> None:
+        """Serve ``directory`` from now on."""
         self.directory = directory
+        self._opened.set()
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client import multiprocess  # noqa: PLC0415
 
+        if not self._opened.wait(timeout=10):
+            return
         for path in self.directory.glob("gauge_live*.db"):
             match = _LIVE_FILE.fullmatch(path.name)
             pid = int(match.group(1)) if match else None

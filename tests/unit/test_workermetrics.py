@@ -1,9 +1,10 @@
-"""The worker's own metrics when they are off (the default), and a port already taken."""
+"""The worker's own metrics when they are off (the default), a port already taken, a scrape at start-up."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -47,3 +48,18 @@ def test_a_port_in_use_is_refused_before_the_directory_is_touched() -> None:
             for path in directory.iterdir():
                 path.unlink()
             directory.rmdir()
+
+
+def test_a_scrape_that_comes_before_the_series_waits_for_them(tmp_path: Path) -> None:
+    """The server answers from the moment its port is bound; until the directory and the
+    series exist, a scrape waits for them instead of serving a page without them."""
+    live = workermetrics._LiveProcesses()
+    pages: list[list[object]] = []
+    scrape = threading.Thread(target=lambda: pages.append(list(live.collect())))
+    scrape.start()
+    scrape.join(0.2)
+    assert scrape.is_alive(), "the scrape answered before the series existed"
+    live.open(tmp_path)
+    scrape.join(10)
+    assert not scrape.is_alive()
+    assert pages == [[]]  # an empty directory: nothing, and no error
