@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -155,13 +155,27 @@ class _Fenced(NamedTuple):
 #: Up to this many entries go in one INSERT; more go through COPY.
 SMALL_BATCH = 50
 
-#: Rows one SQLite INSERT carries: one statement of many rows is stepped once, where
-#: ``executemany`` steps (and takes the GIL back) once a row, which costs about twice
-#: as much. 8 parameters a row stay far below SQLite's limit of 32,766.
-SQLITE_ROWS_PER_INSERT = 100
+#: The most rows one SQLite INSERT carries (8 parameters a row: 16,384 parameters, within
+#: SQLite's 32,766). One statement of many rows is stepped once, where ``executemany``
+#: steps once a row, and each step lets go of the GIL and must take it back, while this
+#: writer holds the file's write lock: behind a busy thread of the same process that
+#: wait is up to the interpreter's switch interval (5 ms) each time.
+SQLITE_ROWS_PER_INSERT = 2048
 
 
-@functools.lru_cache(maxsize=SQLITE_ROWS_PER_INSERT)
+def _sqlite_chunks(count: int) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` of the INSERTs for ``count`` rows: sizes are powers of two, so a
+    few prepared statements (in the driver's statement cache) serve every batch."""
+    start = 0
+    size = SQLITE_ROWS_PER_INSERT
+    while start < count:
+        while size > count - start:
+            size //= 2
+        yield start, size
+        start += size
+
+
+@functools.lru_cache(maxsize=16)
 def _sqlite_insert_sql(count: int) -> str:
     """An INSERT of ``count`` entry rows (SQLite)."""
     row = f"({', '.join('?' * len(_ENTRY_COLUMNS))})"
@@ -373,10 +387,10 @@ class EntryWrites:
             return
         made = made or {}
         texts = [made.get(id(e)) or _sqlite_row(e) for e in entries]
-        for start in range(0, len(texts), SQLITE_ROWS_PER_INSERT):
-            part = texts[start : start + SQLITE_ROWS_PER_INSERT]
+        for start, size in _sqlite_chunks(len(texts)):
             conn.exec_driver_sql(
-                _sqlite_insert_sql(len(part)), tuple(value for row in part for value in row)
+                _sqlite_insert_sql(size),
+                tuple(value for row in texts[start : start + size] for value in row),
             )
 
     def _apply_cap(
