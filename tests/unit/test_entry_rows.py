@@ -1,11 +1,24 @@
-"""The rows the SQLite entry insert sends: a batch split into a few prepared statement sizes."""
+"""The rows the SQLite entry insert sends: timestamps as SQLAlchemy stores them, and the
+split of a batch into the few prepared statement sizes."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.store.entries import SQLITE_ROWS_PER_INSERT, _sqlite_chunks
+from worker.store.entries import SQLITE_ROWS_PER_INSERT, _sqlite_chunks, _utc_text
+
+_ZONES = st.sampled_from(
+    [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+)
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 2), timezones=_ZONES))
+def test_timestamps_are_stored_as_naive_utc_text_with_microseconds(value: datetime) -> None:
+    """``_utc_text`` (cached by second) agrees with ``isoformat`` for any aware time."""
+    assert _utc_text(value) == value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
 
 
 @given(st.integers(min_value=0, max_value=20_000))
