@@ -237,6 +237,37 @@ class StoreSink:
         return event_dict
 
 
+class JsonStamp:
+    """structlog processor of the JSON format: ``level`` and ``timestamp``, as structlog's
+    ``add_log_level`` and ``TimeStamper(fmt="iso", utc=True)`` add them, in one step.
+
+    The time is ISO 8601 UTC with a ``Z`` and always six digits of microseconds. The
+    date and time of day are formatted once a second: ``datetime.isoformat`` on every
+    call was a tenth of a log call's cost.
+    """
+
+    __slots__ = ("_second",)
+
+    def __init__(self) -> None:
+        #: The second last formatted and its text (one tuple: threads read it whole).
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        """Add ``level`` and ``timestamp`` to ``event_dict``."""
+        event_dict["level"] = _LEVEL_NAMES.get(method, method)
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
+        cached = self._second
+        if cached[0] != second:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            cached = self._second = (second, text)
+        event_dict["timestamp"] = f"{cached[1]}.{nanos // 1000:06d}Z"
+        return event_dict
+
+
+#: Method names structlog's ``add_log_level`` renames (the rest are their own level).
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
+
+
 def render_console(_logger: Any, method: str, event_dict: dict[str, Any]) -> str:
     """Render like the run-log docs: ``10:30:01 [info] resource_started - Extracting …``."""
     level = _METHOD_LEVEL.get(method, Level.INFO).value
@@ -278,10 +309,7 @@ def configure(
     )
     processors: list[Any] = [scrubber]
     if log_format == "json":
-        processors += [
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-        ]
+        processors.append(JsonStamp())
     if sink is not None:
         processors.append(sink)
     processors.append(renderer)

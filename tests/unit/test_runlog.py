@@ -7,7 +7,9 @@ import io
 import json
 import threading
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
@@ -165,3 +167,25 @@ def test_console_rendering_matches_the_docs_and_escapes() -> None:
         None, "info", {"event": "resource_started", "message": "Extracting\nprofiles"}
     )
     assert line[8:] == " [info] resource_started - Extracting\\nprofiles"
+
+
+def test_json_lines_carry_level_and_utc_time_as_structlog_writes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The JSON format's ``level`` and ``timestamp``: structlog's names, ISO 8601 UTC with a
+    ``Z``; the once-a-second text is made again when the second changes."""
+    _, out = configured(None)
+    clock = iter([1_764_313_199_999_999_500, 1_764_313_200_000_000_000, 1_764_313_200_000_042_999])
+    monkeypatch.setattr(runlog.time, "time_ns", lambda: next(clock))
+    log = runlog.get_logger()
+    log.warn("first")
+    log.exception("second")
+    log.info("third")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(line["level"], line["timestamp"]) for line in lines] == [
+        ("warning", "2025-11-28T06:59:59.999999Z"),
+        ("error", "2025-11-28T07:00:00.000000Z"),
+        ("info", "2025-11-28T07:00:00.000042Z"),
+    ]
+    for line in lines:
+        assert datetime.fromisoformat(line["timestamp"]).utcoffset() == timedelta(0)
