@@ -223,6 +223,12 @@ def _aws_secret(match: re.Match[str]) -> str:
     return REDACTED if mixed else text
 
 
+#: Types ``isinstance`` tests on every log call, as tuples: a ``int | float`` union in
+#: the call is built anew each time and tests at a third of the speed.
+_SCALARS = (int, float, bool)
+_SEQUENCES = (list, tuple, set, frozenset)
+
+
 class Scrubber:
     """Removes secrets from strings and nested data; knows the process's secret values."""
 
@@ -273,7 +279,7 @@ class Scrubber:
                 k: (REDACTED if isinstance(k, str) and is_secret_key(k) else self.data(v))
                 for k, v in value.items()
             }
-        if isinstance(value, list | tuple | set | frozenset):
+        if isinstance(value, _SEQUENCES):
             return [self.data(v) for v in value]
         return value
 
@@ -287,7 +293,7 @@ class Scrubber:
                 out[key] = REDACTED
             elif isinstance(value, str):
                 out[key] = self.text(value)
-            elif isinstance(value, int | float | bool) or value is None:
+            elif isinstance(value, _SCALARS) or value is None:
                 out[key] = value
             else:
                 out[key] = self.data(value)
