@@ -7,7 +7,11 @@ clients spread over them, in ``--client-processes`` processes of their own
 (asyncio); one worker-like process logging ``--rate`` entries a second for
 ``--seconds`` through structlog and the worker's writer, with Redis wake-ups.
 The goal is that no client is ever more than a second behind (from the log call
-to its receipt). The baseline is one client on one API process in the same run.
+to its receipt). Two baselines run in the same run: one client on one API process,
+and the same clients on ``--apis`` bare asyncio servers (``raw``) that send each
+client the bytes a Quarry stream sends for the same entries, every 0.2 s (the
+worker's flush interval), with no store, Redis, ASGI or HTTP framework: what
+this machine's cores and loopback give for that many bytes to that many clients.
 
 Clients: ``raw`` (the default) reads the stream's bytes on a bare connection,
 counts each read's frames, checks their ids rise and takes the lag of the read's
@@ -21,9 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import socket
 import statistics
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -31,8 +37,10 @@ from httpx_sse import aconnect_sse
 
 from bench.api import pct, stream_setup
 from bench.ingest import NullStream
-from tests.acceptance.harness import serve_api
+from tests.acceptance.harness import free_port, serve_api, wait_for
 from worker import jsonfmt, runlog
+from worker.api.stream import frame
+from worker.models import Entry, Level
 from worker.notify import Publisher
 from worker.runlog import EntryWriter, StoreSink
 from worker.store import Store
@@ -60,6 +68,67 @@ def _produce(url: str, redis_url: str, run_id: str, rate: int, seconds: float) -
     log.info("run_completed", message="done", sent_at=time.time())
     writer.close()
     store.close()
+
+
+def _raw_fanout(port: int, run_id: str, rate: int, seconds: float, go: Any) -> None:
+    """One raw server process (the baseline): accept clients on ``port``; once ``go`` is
+    set, every 0.2 s send each of them, as one HTTP chunk, the frames of the entries
+    due by then (``frame`` of the entries Quarry would store), then ``run_completed``
+    and the end of the stream."""
+
+    async def main() -> None:
+        clients: list[asyncio.StreamWriter] = []
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the probe that it listens
+                writer.close()
+                return
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            clients.append(writer)
+
+        server = await asyncio.start_server(accept, "127.0.0.1", port, backlog=4096)
+        await asyncio.to_thread(go.wait)
+        began = time.time()
+        total, sent = int(rate * seconds), 0
+
+        def entry(i: int) -> bytes:
+            at = began + i / rate
+            last = i == total
+            return frame(
+                Entry(
+                    id=i + 1,
+                    run_id=run_id,
+                    level=Level.INFO,
+                    event="run_completed" if last else "slice_completed",
+                    message="done" if last else f"Slice {i}",
+                    data={"sent_at": at},
+                    worker_id="bench",
+                    attempt=1,
+                    occurred_at=datetime.fromtimestamp(at, UTC),
+                ).as_dict()
+            )
+
+        while sent <= total:
+            await asyncio.sleep(0.2)
+            due = min(total + 1, int((time.time() - began) * rate) + 1)
+            frames = b"".join(entry(i) for i in range(sent, due))
+            sent = due
+            if frames:
+                chunk = b"%x\r\n%b\r\n" % (len(frames), frames)
+                for writer in clients:
+                    writer.write(chunk)
+        for writer in clients:
+            writer.write(b"0\r\n\r\n")
+            writer.close()
+        await asyncio.sleep(GIVE_UP)  # the last bytes drain before the process goes
+        server.close()
+
+    asyncio.run(main())
 
 
 async def _listen(
@@ -170,10 +239,66 @@ def _clients(
     out.put(asyncio.run(main()))
 
 
-def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    run_id, secret, tmp, env = stream_setup(url, redis_url, "bench-streams")
-    servers = [serve_api(env, tmp / f"api-{i}.log") for i in range(args.apis)]
-    bases = [base for _, base in servers]
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class _Servers:
+    """The servers of one load and what feeds them: ``quarry serve`` processes and a
+    worker-like producer, or (``raw``) the bare fan-out baseline's processes."""
+
+    def __init__(self, url: str, redis_url: str, args: argparse.Namespace, *, raw: bool) -> None:
+        self.run_id, self.secret, tmp, env = stream_setup(url, redis_url, "bench-streams")
+        ctx = mp.get_context("fork")
+        self._go = ctx.Event()
+        self._fanouts: list[Any] = []
+        self._apis: list[Any] = []
+        self._producer: Any = None
+        if raw:
+            ports = [free_port() for _ in range(args.apis)]
+            self._fanouts = [
+                ctx.Process(
+                    target=_raw_fanout, args=(port, self.run_id, args.rate, args.seconds, self._go)
+                )
+                for port in ports
+            ]
+            for fanout in self._fanouts:
+                fanout.start()
+            for port in ports:
+                wait_for(lambda port=port: _listening(port), "a raw server to listen", 30)
+            self.bases = [f"http://127.0.0.1:{port}" for port in ports]
+        else:
+            self._apis = [serve_api(env, tmp / f"api-{i}.log") for i in range(args.apis)]
+            self.bases = [base for _, base in self._apis]
+            self._producer = ctx.Process(
+                target=_produce, args=(url, redis_url, self.run_id, args.rate, args.seconds)
+            )
+
+    def start(self) -> None:
+        """The run starts logging (or the raw servers sending)."""
+        if self._producer is not None:
+            self._producer.start()
+        self._go.set()
+
+    def stop(self) -> None:
+        """Wait for the producer; stop every server."""
+        if self._producer is not None and self._producer.pid is not None:
+            self._producer.join()
+        for fanout in self._fanouts:
+            fanout.terminate()
+            fanout.join(timeout=10)
+        for proc, _ in self._apis:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def measure(
+    url: str, redis_url: str, args: argparse.Namespace, *, raw: bool = False
+) -> dict[str, Any]:
+    """One load: ``args.clients`` clients over ``args.apis`` servers, Quarry's or (``raw``)
+    the bare fan-out baseline's."""
+    servers = _Servers(url, redis_url, args, raw=raw)
     ctx = mp.get_context("fork")
     ready, out, stop_at = ctx.Queue(), ctx.Queue(), ctx.Queue()
     per = [args.clients // args.client_processes] * args.client_processes
@@ -181,7 +306,7 @@ def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any
     procs = [
         ctx.Process(
             target=_clients,
-            args=(bases, secret, run_id, n, (ready, out, stop_at)),
+            args=(servers.bases, servers.secret, servers.run_id, n, (ready, out, stop_at)),
             kwargs={"raw": args.client == "raw"},
         )
         for n in per
@@ -193,20 +318,14 @@ def measure(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, Any
         for _ in procs:
             ready.get(timeout=120 + args.clients / 10)
         time.sleep(1.0)  # every stream joined its run's feed
-        producer = ctx.Process(
-            target=_produce, args=(url, redis_url, run_id, args.rate, args.seconds)
-        )
-        producer.start()
+        servers.start()
         for _ in procs:  # a client still behind this long after the run gives up
             stop_at.put(time.time() + args.seconds + GIVE_UP)
         results = [r for _ in procs for r in out.get(timeout=args.seconds + GIVE_UP + 120)]
-        producer.join()
         for p in procs:
             p.join()
     finally:
-        for proc, _ in servers:
-            proc.terminate()
-            proc.wait(timeout=10)
+        servers.stop()
     expected = int(args.rate * args.seconds) + 1
     worst = sorted(w for _, w, _ in results)
     sample = [lag for _, _, s in results for lag in s]
@@ -237,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         help="raw: frames counted and checked per read at the byte level; sse: httpx-sse, "
         "every event parsed",
     )
+    parser.add_argument(
+        "--no-raw-baseline",
+        dest="raw_baseline",
+        action="store_false",
+        help="leave out the bare asyncio fan-out baseline",
+    )
     args = parser.parse_args(argv)
     url = fresh_pg("quarry_bench_streams")
     if url is None:
@@ -245,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         one = argparse.Namespace(**{**vars(args), "apis": 1, "clients": 1, "client_processes": 1})
         base = measure(url, REDIS, one)
         got = measure(url, REDIS, args)
+        bare = measure(url, REDIS, args, raw=True) if args.raw_baseline else None
     finally:
         drop_pg("quarry_bench_streams")
     print(
@@ -261,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{got['lag_p99']:.0f} ms; one client on one API process (baseline): p50 "
         f"{base['lag_p50']:.0f} ms, p99 {base['lag_p99']:.0f} ms, worst {base['worst_max']:.0f} ms"
     )
+    if bare is not None:
+        print(
+            f"  raw fan-out baseline, the same clients on {args.apis} bare asyncio servers: "
+            f"{bare['complete']:,} of {bare['clients']:,} got every entry, {bare['behind']:,} "
+            f"ever more than 1 s behind; lag p50 {bare['lag_p50']:.0f} ms, p99 "
+            f"{bare['lag_p99']:.0f} ms, a client's worst lag p50 {bare['worst_p50']:.0f} ms, "
+            f"max {bare['worst_max']:.0f} ms"
+        )
     return 0
 
 
