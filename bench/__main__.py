@@ -119,6 +119,14 @@ def ingest_rows(tmp: Path) -> None:
         f"{ours / raw:.0%}",
         ">= 50%",
     )
+    raw_multi = ingest.raw_sqlite_multirow(ingest.fresh_sqlite(tmp, "raw-multi.db"), total)
+    row(
+        "ingest entries/s, SQLite (vs multi-row INSERT 1000/commit)",
+        f"{ours:,.0f}",
+        f"{raw_multi:,.0f}",
+        f"{ours / raw_multi:.0%}",
+        "",
+    )
 
     pg = fresh_pg("quarry_bench")
     if pg:

@@ -103,6 +103,28 @@ def raw_sqlite_executemany(url: str, total: int) -> float:
     return total / elapsed
 
 
+def raw_sqlite_multirow(url: str, total: int) -> float:
+    """Rows/s of one multi-row INSERT of 1000 rows a commit (sqlite3), into the same table:
+    the statement shape the store's flush uses, without anything around it."""
+    store = Store(url)
+    run_id = store.create_run("bench-raw").id
+    store.close()
+    rows = _raw_rows(run_id, total)
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    values = ", ".join(["(?,?,?,?,?,?,?,?)"] * 1000)
+    sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES {values}"
+    began = time.perf_counter()
+    for i in range(0, total, 1000):
+        conn.execute("BEGIN")
+        conn.execute(sql, [value for row in rows[i : i + 1000] for value in row])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - began
+    conn.close()
+    return total / elapsed
+
+
 def _pg_conn(url: str) -> Any:
     return psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
 
