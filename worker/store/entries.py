@@ -159,7 +159,7 @@ SMALL_BATCH = 50
 #: SQLite's 32,766). One statement of many rows is stepped once, where ``executemany``
 #: steps once a row, and each step lets go of the GIL and must take it back, while this
 #: writer holds the file's write lock: behind a busy thread of the same process that
-#: wait is up to the interpreter's switch interval (5 ms) each time.
+#: wait is up to the interpreter's switch interval (``sys.getswitchinterval()``) each time.
 SQLITE_ROWS_PER_INSERT = 2048
 
 
