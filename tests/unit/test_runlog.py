@@ -189,3 +189,13 @@ def test_json_lines_carry_level_and_utc_time_as_structlog_writes_them(
     ]
     for line in lines:
         assert datetime.fromisoformat(line["timestamp"]).utcoffset() == timedelta(0)
+
+
+def test_console_lines_carry_the_utc_time_of_day_of_each_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The console clock is the call's own second, however the once-a-second text is kept."""
+    clock = iter([1_764_313_199_999_999_999, 1_764_313_200_000_000_000, 1_764_313_261_500_000_000])
+    monkeypatch.setattr(runlog.time, "time_ns", lambda: next(clock))
+    lines = [runlog.render_console(None, "info", {"event": "e"}) for _ in range(3)]
+    assert [line[:8] for line in lines] == ["06:59:59", "07:00:00", "07:01:01"]
