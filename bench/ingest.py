@@ -83,8 +83,9 @@ def _raw_rows(run_id: str, count: int) -> list[tuple[Any, ...]]:
     ]
 
 
-def raw_sqlite_executemany(url: str, total: int) -> float:
-    """Rows/s of sqlite3 executemany, 1000 rows a commit, into the same table."""
+def _raw_sqlite(url: str, total: int, write: Callable[[Any, list[tuple[Any, ...]]], None]) -> float:
+    """Rows/s of ``write(conn, rows)`` on sqlite3, 1000 pre-built rows a commit, into the
+    store's table."""
     store = Store(url)
     run_id = store.create_run("bench-raw").id
     store.close()
@@ -92,37 +93,30 @@ def raw_sqlite_executemany(url: str, total: int) -> float:
     conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
     began = time.perf_counter()
     for i in range(0, total, 1000):
         conn.execute("BEGIN")
-        conn.executemany(sql, rows[i : i + 1000])
+        write(conn, rows[i : i + 1000])
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - began
     conn.close()
     return total / elapsed
+
+
+def raw_sqlite_executemany(url: str, total: int) -> float:
+    """Rows/s of sqlite3 executemany, 1000 rows a commit, into the same table."""
+    sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
+    return _raw_sqlite(url, total, lambda conn, rows: conn.executemany(sql, rows))
 
 
 def raw_sqlite_multirow(url: str, total: int) -> float:
     """Rows/s of one multi-row INSERT of 1000 rows a commit (sqlite3), into the same table:
     the statement shape the store's flush uses, without anything around it."""
-    store = Store(url)
-    run_id = store.create_run("bench-raw").id
-    store.close()
-    rows = _raw_rows(run_id, total)
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     values = ", ".join(["(?,?,?,?,?,?,?,?)"] * 1000)
     sql = f"INSERT INTO log_entries ({COLUMNS}) VALUES {values}"
-    began = time.perf_counter()
-    for i in range(0, total, 1000):
-        conn.execute("BEGIN")
-        conn.execute(sql, [value for row in rows[i : i + 1000] for value in row])
-        conn.execute("COMMIT")
-    elapsed = time.perf_counter() - began
-    conn.close()
-    return total / elapsed
+    return _raw_sqlite(
+        url, total, lambda conn, rows: conn.execute(sql, [v for row in rows for v in row])
+    )
 
 
 def _pg_conn(url: str) -> Any:
