@@ -1,14 +1,24 @@
 """The rows the SQLite entry insert sends: timestamps as SQLAlchemy stores them, and the
-split of a batch into the few prepared statement sizes."""
+split of a batch into the few prepared statement sizes a connection's limit allows."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import event
 
-from worker.store.entries import SQLITE_ROWS_PER_INSERT, _sqlite_chunks, _utc_text
+from worker.models import Level, NewEntry
+from worker.store import Store
+from worker.store.entries import (
+    SQLITE_ROWS_PER_INSERT,
+    _sqlite_chunks,
+    _sqlite_rows_per_insert,
+    _utc_text,
+)
 
 _ZONES = st.sampled_from(
     [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
@@ -32,3 +42,31 @@ def test_a_batch_is_cut_into_power_of_two_inserts_in_order(count: int) -> None:
     sizes = {size for _, size in chunks}
     assert all(size & (size - 1) == 0 and size <= SQLITE_ROWS_PER_INSERT for size in sizes)
     assert len(chunks) <= count // SQLITE_ROWS_PER_INSERT + SQLITE_ROWS_PER_INSERT.bit_length()
+
+
+def test_a_connection_with_a_lower_parameter_limit_gets_fewer_rows_a_statement(
+    tmp_path: Path,
+) -> None:
+    """Where SQLite allows 999 parameters (older than 3.32, or built so), a batch of 3,000
+    still goes in, in order, 64 rows a statement."""
+    store = Store(f"sqlite:///{tmp_path / 'limited.db'}")
+    event.listen(
+        store.engine,
+        "connect",
+        lambda driver, _record: driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999),
+    )
+    store.upgrade()
+    try:
+        with store.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) == 999
+            assert _sqlite_rows_per_insert(driver) == 64
+        run = store.create_run("demo")
+        now = datetime.now(UTC)
+        store.append_entries(
+            [NewEntry(run.id, Level.INFO, f"e{i}", f"m{i}", now) for i in range(3000)]
+        )
+        events = [e.event for e in store.entries(run.id, limit=5000)]
+        assert events == [f"e{i}" for i in range(3000)]
+    finally:
+        store.close()

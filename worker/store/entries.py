@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import Connection, update
 
@@ -155,19 +156,31 @@ class _Fenced(NamedTuple):
 #: Up to this many entries go in one INSERT; more go through COPY.
 SMALL_BATCH = 50
 
-#: The most rows one SQLite INSERT carries (8 parameters a row: 16,384 parameters, within
-#: SQLite's 32,766). One statement of many rows is stepped once, where ``executemany``
-#: steps once a row, and each step lets go of the GIL and must take it back, while this
-#: writer holds the file's write lock: behind a busy thread of the same process that
-#: wait is up to the interpreter's switch interval (``sys.getswitchinterval()``) each time.
+#: The most rows one SQLite INSERT carries: 8 parameters a row makes 16,384, within
+#: SQLite's default limit since 3.32 (fewer rows where a connection's limit is lower).
+#: One statement of many rows is stepped once, where ``executemany`` steps once a row,
+#: and each step lets go of the GIL and must take it back, while this writer holds the
+#: file's write lock: behind a busy thread of the same process that wait is up to the
+#: interpreter's switch interval (``sys.getswitchinterval()``) each time.
 SQLITE_ROWS_PER_INSERT = 2048
 
 
-def _sqlite_chunks(count: int) -> Iterator[tuple[int, int]]:
-    """``(start, size)`` of the INSERTs for ``count`` rows: sizes are powers of two, so a
-    few prepared statements (in the driver's statement cache) serve every batch."""
+def _sqlite_rows_per_insert(driver: sqlite3.Connection) -> int:
+    """:data:`SQLITE_ROWS_PER_INSERT`, or the largest power of two below it whose parameters
+    fit ``driver``'s limit (999 where SQLite is older than 3.32 or built so)."""
+    limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    rows = SQLITE_ROWS_PER_INSERT
+    while rows > 1 and rows * len(_ENTRY_COLUMNS) > limit:
+        rows //= 2
+    return rows
+
+
+def _sqlite_chunks(count: int, most: int = SQLITE_ROWS_PER_INSERT) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` of the INSERTs for ``count`` rows, at most ``most`` (a power of two)
+    a statement: sizes are powers of two, so a few prepared statements (in the driver's
+    statement cache) serve every batch."""
     start = 0
-    size = SQLITE_ROWS_PER_INSERT
+    size = most
     while start < count:
         while size > count - start:
             size //= 2
@@ -402,7 +415,8 @@ class EntryWrites:
             return
         made = made or {}
         texts = [made.get(id(e)) or _sqlite_row(e) for e in entries]
-        for start, size in _sqlite_chunks(len(texts)):
+        most = _sqlite_rows_per_insert(cast(sqlite3.Connection, conn.connection.driver_connection))
+        for start, size in _sqlite_chunks(len(texts), most):
             conn.exec_driver_sql(
                 _sqlite_insert_sql(size),
                 tuple(value for row in texts[start : start + size] for value in row),
