@@ -6,8 +6,9 @@ logged: each of 30 days' entries is written with COPY into a table of its own,
 which is then attached as that day's partition (PostgreSQL builds its indexes
 then, once). 40 runs a day log side by side, so a run's entries are spread over
 its day. Each page through the API (``GET /api/v1/logs``, ``GET
-/api/v1/action-runs/{id}/logs``, 1,000 entries) is timed alternately with the
-same keyset query through the raw driver on the same tables.
+/api/v1/action-runs/{id}/logs``, 1,000 entries, decoded with Quarry's own JSON
+parser, orjson) is timed alternately with the same keyset query through the raw
+driver on the same tables, its rows decoded by the driver.
 
 ``--entries N`` loads fewer (a quick look); ``--keep`` leaves the database for
 the next call, which then skips the load when it holds as many entries.
@@ -30,6 +31,7 @@ from sqlalchemy import create_engine, text
 
 from bench.api import COLUMNS, _raw_query, api_env, pct, timed_pair
 from tests.acceptance.harness import serve_api
+from worker import jsonfmt
 from worker.store import Store, partitions
 from worker.store.tables import LEVEL_FILTERS
 
@@ -205,7 +207,7 @@ def measure(
         for name, path, params, raw in cases:
 
             def api_call(path: str = path, params: dict[str, str] = params) -> None:
-                body = client.get(path, params=params).json()
+                body = jsonfmt.loads(client.get(path, params=params).content)
                 assert body["entries"], (path, params)
 
             results.append((name, *timed_pair(api_call, raw, SAMPLES)))
