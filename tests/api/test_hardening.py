@@ -6,9 +6,12 @@ is repeated with other inputs.
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -444,3 +448,63 @@ def test_params_are_checked_against_the_source_when_triggered(api: Api) -> None:
         assert response.status_code == 422, response.text
         assert field in response.json()["error"]["message"]
     assert api.store.list_runs() == []
+
+
+_COUNT_SPANS = """
+import sys
+from contextlib import contextmanager
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry import trace
+from worker.api import create_app
+from worker.settings import Settings
+
+started = []
+
+class Tracer(trace.NoOpTracer):
+    def start_span(self, name, *args, **kwargs):
+        started.append(name)
+        return super().start_span(name, *args, **kwargs)
+
+    @contextmanager
+    def start_as_current_span(self, name, *args, **kwargs):
+        started.append(name)
+        yield trace.INVALID_SPAN
+
+class Provider(trace.TracerProvider):
+    def get_tracer(self, *args, **kwargs):
+        return Tracer()
+
+trace.set_tracer_provider(Provider())
+bare = FastAPI()
+bare.get("/ping")(lambda: {})
+with TestClient(bare) as client:
+    client.get("/ping")
+control = len(started)
+app = create_app(Settings(database_url=sys.argv[1], data_dir=sys.argv[2]))
+with TestClient(app) as client:
+    client.get("/healthz")
+    client.post("/api/v1/action-runs", json={"pipeline": 7, "params": {"password": "hunter22"}})
+print(control, len(started) - control)
+"""
+
+
+def test_fastapi_telemetry_stays_off_under_a_configured_provider(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A process with an OpenTelemetry provider (and FastAPI's auto-configuration asked for
+    in the environment) gets no span from Quarry's API: FastAPI's own telemetry would
+    record requests, and validation failures with their input, unscrubbed."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        pytest.skip("this FastAPI has no telemetry of its own")
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_SPANS, sqlite_url, str(tmp_path)],
+        env={**os.environ, "FASTAPI_OTEL_AUTO_CONFIGURE": "true"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    control, quarry = (int(n) for n in done.stdout.split())
+    assert control > 0  # the provider does see a plain FastAPI app's requests
+    assert quarry == 0

@@ -7,6 +7,7 @@ Every error is JSON: ``{"error": {"status": 404, "message": "…"}}``.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +37,26 @@ from worker.store.engine import unavailable_errors
 _log = logging.getLogger("quarry.api")
 
 
+#: FastAPI's own OpenTelemetry, switched off whatever the process's providers or
+#: environment say: its logs record validation failures and exceptions with their
+#: messages, unscrubbed, and its spans every request. Quarry's telemetry is its
+#: Prometheus series and its scrubbed logs (``docs/metrics.md``).
+_NO_FASTAPI_TELEMETRY = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
+
+
+def _without_fastapi_telemetry() -> dict[str, Any]:
+    """``FastAPI(...)`` options that keep its telemetry off, on versions that have it."""
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": _NO_FASTAPI_TELEMETRY}
+    return {}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API application over the store named by ``settings``."""
     settings = settings or get_settings()
@@ -60,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.wakeups.stop()
             app.state.store.close()
 
-    app = FastAPI(title="Quarry", version="1", lifespan=lifespan)
+    app = FastAPI(title="Quarry", version="1", lifespan=lifespan, **_without_fastapi_telemetry())
     app.add_middleware(Guard)
     _handle_errors(app)
     for module in (health, runs, pipelines, logs, metrics):
