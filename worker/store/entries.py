@@ -122,10 +122,7 @@ def fenced_params(
         params += (cappable, bound)
     params.append(run_lock_key(run_id))
     for e in entries:
-        params += _without_nul(
-            (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-             e.worker_id, e.attempt, e.occurred_at)
-        )  # fmt: skip
+        params += _entry_row(e, e.occurred_at)
     if not whole:
         params.append(bound)
     return cappable, tuple(params)
@@ -223,12 +220,17 @@ def _utc_text(value: datetime) -> str:
 _SECOND_TEXT: dict[tuple[int, ...], str] = {}
 
 
-def _sqlite_row(e: NewEntry) -> tuple[Any, ...]:
-    """An entry's values as the SQLite INSERT takes them."""
+def _entry_row(e: NewEntry, occurred_at: Any) -> tuple[Any, ...]:
+    """An entry's values in ``_ENTRY_COLUMNS`` order, ``occurred_at`` as the driver takes it."""
     return _without_nul(
         (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-         e.worker_id, e.attempt, _utc_text(e.occurred_at))
+         e.worker_id, e.attempt, occurred_at)
     )  # fmt: skip
+
+
+def _sqlite_row(e: NewEntry) -> tuple[Any, ...]:
+    """An entry's values as the SQLite INSERT takes them."""
+    return _entry_row(e, _utc_text(e.occurred_at))
 
 
 def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -402,13 +404,7 @@ class EntryWrites:
         # The driver directly: SQLAlchemy's per-row bind processing would cost more than
         # the insert itself. Values are stored exactly as the Core column types store them.
         if self.dialect == "postgresql":
-            rows = [
-                _without_nul(
-                    (e.run_id, _LEVEL_TEXT[e.level], e.event, e.message, dumps(e.data),
-                     e.worker_id, e.attempt, e.occurred_at)
-                )
-                for e in entries
-            ]  # fmt: skip
+            rows = [_entry_row(e, e.occurred_at) for e in entries]
             if rows:
                 self._order_entries(conn, {row[0] for row in rows})
                 self._insert_pg(conn, rows)
